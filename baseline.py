@@ -1,0 +1,127 @@
+"""Plain cross-entropy training of one CIFAR network: the student baseline and the teacher trainer.
+
+Recipe: HobbitLong/RepDistiller `train_teacher.py` (specs/README.md section 7): SGD with momentum
+0.9, weight decay 5e-4, batch 64, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2), x0.1 at
+epochs 150, 180 and 210, 240 epochs. There is no teacher and no extra term: the network minimises
+the cross-entropy of its logits with the hard labels. Every "Student" row of the KD tables comes
+from this recipe, and the distillation files call this script to train a teacher they cannot find,
+so baselines and teachers share one code path. `--eval-checkpoint FILE` evaluates any saved model.
+"""
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args:
+    dataset: Literal["cifar100", "cifar10"] = "cifar100"
+    """dataset to train on"""
+    data_dir: str = "data"
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    model: str = "resnet20"
+    """zoo architecture to train (see common.MODEL_NAMES)"""
+    epochs: int = 240
+    """number of training epochs"""
+    batch_size: int = 64
+    """training batch size"""
+    learning_rate: Optional[float] = None
+    """initial lr; unset means 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2"""
+    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    """0-based epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = False
+    """Nesterov momentum (RepDistiller: off; HSAKD's baseline script: on)"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on all parameters"""
+    seed: int = 1
+    """seed of python, numpy, torch and of the data order and augmentation"""
+    torch_deterministic: bool = True
+    """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    amp: bool = False
+    """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means baseline_<model>_<dataset>_seed<seed>"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
+    normalize: Literal["repdistiller", "sskd", "cifar10"] = "repdistiller"
+    """normalisation constants (specs/README.md section 3)"""
+    train_subset: Optional[int] = None
+    """train on the first N training images only (quick runs)"""
+    eval_batch_size: int = 128
+    """test-time batch size (no effect on accuracy)"""
+    tensorboard: bool = False
+    """also log to TensorBoard in the run folder (needs the tensorboard package)"""
+    track: bool = False
+    """also log to Weights & Biases (needs the wandb package)"""
+    wandb_project: str = "sskd-reference"
+    """W&B project name, with --track"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate this checkpoint (any supported format) on the test set and exit"""
+
+
+if __name__ == "__main__":
+    args = common.parse_args(Args)
+    common.print_config(args, "baseline")
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = common.get_device(args.device)
+    data = common.load_data(args, device)
+
+    if args.eval_checkpoint:
+        model = common.load_model_file(args.model, data.num_classes, args.eval_checkpoint)
+        result = common.evaluate(common.prepare_model(model, device, args.amp), data, args.eval_batch_size, args.amp)
+        print(f"{args.model} from {args.eval_checkpoint}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}")
+        raise SystemExit(0)
+
+    run_dir = common.prepare_run_dir(args, f"baseline_{args.model}_{args.dataset}_seed{args.seed}")
+    model = common.prepare_model(common.build_model(args.model, data.num_classes), device, args.amp)
+    base_lr = common.default_lr(args.model, args.learning_rate)
+    optimizer = common.make_sgd(model.parameters(), base_lr, args)
+    start_epoch, best, _ = common.resume_state(run_dir, model, optimizer, args.resume)
+    logger = common.Logger(run_dir, args, start_epoch)
+
+    for epoch in range(start_epoch, args.epochs):
+        lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
+        common.set_lr(optimizer, lr)
+        model.train()
+        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
+        for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+            with common.autocast(device, args.amp):
+                logits = model(images).float()
+            # --- METHOD: cross-entropy only ---
+            loss_ce = F.cross_entropy(logits, labels)
+            loss = loss_ce
+            # --- END METHOD ---
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            meter.add("loss/ce", loss_ce, len(labels))
+            meter.add_sum("train/top1", 100.0 * common.accuracy_count(logits, labels), len(labels))
+            images_seen += len(labels)
+
+        metrics = meter.averages()
+        common.check_finite(metrics, epoch, run_dir)
+        images_per_s = images_seen / (time.time() - epoch_start)
+        result = common.evaluate(model, data, args.eval_batch_size, args.amp)
+        if result["top1"] > best["top1"]:
+            best = {**result, "epoch": epoch}
+            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
+                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        logger.log(epoch, metrics)
+        common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args))
+        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+
+    last = common.evaluate(model, data, args.eval_batch_size, args.amp)
+    common.write_summary(run_dir, args, best, last)

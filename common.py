@@ -1,0 +1,1105 @@
+"""Shared infrastructure for the single-file KD implementations: data, backbones, training
+utilities and run bookkeeping. No loss and no method logic lives here: a reader looks things up
+in this file; nobody needs to read it to understand a method.
+
+Sections: DATA | BACKBONES | TRAINING UTILITIES | RUN BOOKKEEPING
+"""
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import pickle
+import random
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A problem with the user's input (arguments, data, checkpoints); printed without traceback."""
+
+
+# =================================================================================================
+# DATA: CIFAR in the official python layout, kept on the training device as uint8
+# =================================================================================================
+
+# Official python-version layout of each dataset (what torchvision downloads and extracts).
+DATASETS = {
+    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
+                    test=["test_batch"], label_key="labels", num_classes=10, torchvision_class="CIFAR10"),
+    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"],
+                     label_key="fine_labels", num_classes=100, torchvision_class="CIFAR100"),
+}
+
+# Normalisation constants of each official code base (specs/README.md section 3).
+NORMALIZE = {
+    "repdistiller": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "sskd": ((0.5071, 0.4866, 0.4409), (0.2675, 0.2565, 0.2761)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+}
+
+
+@dataclasses.dataclass
+class CifarData:
+    """Train and test sets as uint8 [N, 3, 32, 32] tensors on the training device."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: torch.Tensor  # [1, 3, 1, 1], float, on the device
+    std: torch.Tensor
+    channels_last: bool = False
+
+    def normalize(self, images_uint8):
+        """uint8 [B, 3, H, W] -> normalised float32, the ToTensor + Normalize of torchvision."""
+        images = (images_uint8.float() / 255.0 - self.mean) / self.std
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return images.contiguous(memory_format=fmt)
+
+
+def _missing_files(dataset, data_dir):
+    info = DATASETS[dataset]
+    folder = Path(data_dir) / info["folder"]
+    return [str(folder / name) for name in info["train"] + info["test"] if not (folder / name).is_file()]
+
+
+def _download(dataset, data_dir):
+    """Let torchvision fetch and extract the official archive; it checks the archive's md5."""
+    import torchvision  # only needed here; imported lazily to keep start-up fast
+    getattr(torchvision.datasets, DATASETS[dataset]["torchvision_class"])(data_dir, train=True, download=True)
+
+
+def _read_batches(folder, names, label_key):
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch[label_key])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_cifar(dataset, data_dir, download=True):
+    """Read CIFAR-10/100 from `data_dir` in the official python layout, downloading it if missing.
+
+    We read the pickles ourselves instead of using torchvision's dataset classes, which insist on
+    the official md5 of every file: re-encoded copies and test fixtures must load too.
+    Returns (train_images, train_labels, test_images, test_labels) as CPU tensors.
+    """
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset '{dataset}'; choose one of: {', '.join(DATASETS)}")
+    info = DATASETS[dataset]
+    missing = _missing_files(dataset, data_dir)
+    download_error = None
+    download = download and not os.environ.get("KD_NO_DOWNLOAD")  # tests and air-gapped machines
+    if missing and download:
+        try:
+            _download(dataset, data_dir)
+        except Exception as err:  # offline, proxy, disk: all end in the same advice below
+            download_error = err
+        missing = _missing_files(dataset, data_dir)
+    if missing:
+        why = f"downloading failed ({download_error})" if download_error else "download was not attempted"
+        raise ConfigError(
+            f"{dataset} not found: missing {', '.join(missing)}; {why}. Put the official python "
+            f"version of {dataset} (the folder {info['folder']}/ with {', '.join(info['train'] + info['test'])}) "
+            f"under --data-dir {data_dir}, or run once on a machine with internet access.")
+    folder = Path(data_dir) / info["folder"]
+    train_images, train_labels = _read_batches(folder, info["train"], info["label_key"])
+    test_images, test_labels = _read_batches(folder, info["test"], info["label_key"])
+    return train_images, train_labels, test_images, test_labels
+
+
+def load_data(args, device):
+    """Load the dataset named by `args` onto `device` (fields: dataset, data_dir, normalize,
+    train_subset, amp)."""
+    train_images, train_labels, test_images, test_labels = load_cifar(args.dataset, args.data_dir)
+    if args.train_subset:  # quick runs: the first N training images
+        train_images, train_labels = train_images[:args.train_subset], train_labels[:args.train_subset]
+    if args.normalize not in NORMALIZE:
+        raise ConfigError(f"unknown --normalize '{args.normalize}'; choose one of: {', '.join(NORMALIZE)}")
+    mean, std = NORMALIZE[args.normalize]
+    return CifarData(train_images.to(device), train_labels.to(device), test_images.to(device),
+                     test_labels.to(device), DATASETS[args.dataset]["num_classes"],
+                     torch.tensor(mean, device=device).view(1, 3, 1, 1),
+                     torch.tensor(std, device=device).view(1, 3, 1, 1), channels_last=args.amp)
+
+
+def crop(images, top, left, padding):
+    """Crop each image of a zero-padded batch at its own offset: [B, C, H, W] -> [B, C, H, W].
+
+    Zero padding of the uint8 image is what torchvision's RandomCrop(32, padding=4) does to the
+    PIL image before ToTensor, so padded pixels normalise to -mean/std exactly as there.
+    """
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding)).permute(0, 2, 3, 1)  # [B, H+2p, W+2p, C]
+    rows = top.to(images.device)[:, None] + torch.arange(height, device=images.device)  # [B, H]
+    cols = left.to(images.device)[:, None] + torch.arange(width, device=images.device)  # [B, W]
+    samples = torch.arange(batch, device=images.device)[:, None, None]
+    return padded[samples, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def hflip(images, flip):
+    """Mirror the images whose `flip` entry is True: [B, C, H, W], flip bool [B]."""
+    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(3), images)
+
+
+def standard_augment(images, generator, padding=4):
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), batched, on the images' device.
+    Random numbers come from a CPU generator so CPU and CUDA runs see the same augmentation."""
+    batch = images.shape[0]
+    top, left = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    return hflip(crop(images, top, left, padding), flip)
+
+
+def epoch_generator(seed, epoch):
+    """The random stream of one epoch's data order and augmentation. Derived from (seed, epoch)
+    alone, so a resumed run draws exactly what an uninterrupted one draws."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def train_batches(data, batch_size, generator, augment=True):
+    """One epoch of shuffled training batches (drop_last=False, as every official loader).
+    Yields (images [B, 3, 32, 32] normalised float, labels [B], sample indices [B])."""
+    num_images = len(data.train_labels)
+    order = torch.randperm(num_images, generator=generator).to(data.train_labels.device)
+    for start in range(0, num_images, batch_size):
+        indices = order[start:start + batch_size]
+        images = data.train_images[indices]
+        if augment:
+            images = standard_augment(images, generator)
+        yield data.normalize(images), data.train_labels[indices], indices
+
+
+def rotations(images):
+    """The 4 rotations of a batch in the interleaved layout of specs/README.md section 4:
+    [B, C, H, W] -> [4B, C, H, W] with row 4i+k = image i rotated by k*90 deg counter-clockwise."""
+    return torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(4)], dim=1).flatten(0, 1)
+
+
+def rotation_joint_labels(labels):
+    """Joint class-rotation labels of the interleaved layout: row 4i+k gets 4*y_i + k. [B] -> [4B]."""
+    return (4 * labels[:, None] + torch.arange(4, device=labels.device)).flatten()
+
+
+# =================================================================================================
+# BACKBONES
+# =================================================================================================
+# Every model below reproduces HobbitLong/RepDistiller@b84f547 `models/` state-dict keys and shapes
+# exactly (specs/zoo.md section 1), so published teacher checkpoints load with strict=True.
+# Interface (zoo.md 1.5): forward(x, is_feat=False) -> logits, or (feats, logits) with is_feat=True,
+# feats ending with the pooled vector of size `model.feat_dim`. `preact` is not implemented.
+
+
+def _he_init_convs(model):
+    """Conv weights ~ N(0, sqrt(2 / (k*k*out_channels))), conv biases 0.
+
+    RepDistiller writes this as kaiming_normal_(mode='fan_out') in the ResNets and as
+    normal_(0, sqrt(2/n)), n = k*k*out_channels, in WRN/VGG/MobileNetV2: the same distribution
+    (PyTorch's fan_out is out_channels*k*k also for grouped convs). BN keeps PyTorch's default
+    weight 1 / bias 0, which is what all families ask for (zoo.md section 3).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def _residual_stage(block, in_planes, planes, num_blocks, stride):
+    """num_blocks blocks; only the first one strides (and may project the shortcut)."""
+    blocks = [block(in_planes, planes, stride)]
+    blocks += [block(planes * block.expansion, planes, 1) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def _conv_bn_relu(in_channels, out_channels, kernel_size, stride=1):
+    """Sequential(conv, BN, ReLU): keys `.0` conv, `.1` BN, as in RepDistiller's conv_bn helpers."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+# ---- CIFAR ResNet: resnet8 ... resnet110, resnet8x4, resnet32x4 (zoo.md 3.1) ----
+
+
+class CifarBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.downsample(x))
+
+
+class CifarResNet(nn.Module):
+    """Depth 6n+2: stem + three stages of n BasicBlocks, widths (stem, stage1, stage2, stage3)."""
+
+    def __init__(self, blocks_per_stage, widths, num_classes):
+        super().__init__()
+        stem, w1, w2, w3 = widths
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.layer1 = _residual_stage(CifarBasicBlock, stem, w1, blocks_per_stage, 1)
+        self.layer2 = _residual_stage(CifarBasicBlock, w1, w2, blocks_per_stage, 2)
+        self.layer3 = _residual_stage(CifarBasicBlock, w2, w3, blocks_per_stage, 2)
+        self.fc = nn.Linear(w3, num_classes)
+        self.feat_dim = w3
+        _he_init_convs(self)  # Linear keeps the PyTorch default
+
+    def forward(self, x, is_feat=False):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x = stage(x)
+            feats.append(x)
+        x = torch.flatten(F.avg_pool2d(x, 8), 1)  # final map is 8x8 for 32-px inputs
+        feats.append(x)
+        logits = self.fc(x)
+        return (feats, logits) if is_feat else logits
+
+
+# ---- ResNet50, CIFAR variant of RepDistiller's resnetv2.py (zoo.md 3.2) ----
+
+
+class ResNet50Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # strides in the 3x3
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = nn.Identity()  # named `shortcut`, not `downsample`, in resnetv2.py
+        if stride != 1 or in_planes != out_planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # CIFAR stem: 3x3, no max-pool
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = _residual_stage(ResNet50Bottleneck, 64, 64, 3, 1)
+        self.layer2 = _residual_stage(ResNet50Bottleneck, 256, 128, 4, 2)
+        self.layer3 = _residual_stage(ResNet50Bottleneck, 512, 256, 6, 2)
+        self.layer4 = _residual_stage(ResNet50Bottleneck, 1024, 512, 3, 2)
+        self.linear = nn.Linear(2048, num_classes)
+        self.feat_dim = 2048
+        _he_init_convs(self)  # no zero-init of residual BNs; Linear keeps the PyTorch default
+
+    def forward(self, x, is_feat=False):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            feats.append(x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        feats.append(x)
+        logits = self.linear(x)
+        return (feats, logits) if is_feat else logits
+
+
+# ---- Wide ResNet: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (zoo.md 3.3) ----
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation block (dropout 0)."""
+
+    def __init__(self, in_planes, out_planes, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        # Projection (no BN) only when widths differ: wrn_*_1's first block has none (82 vs 83 keys).
+        self.convShortcut = None
+        if in_planes != out_planes:
+            self.convShortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        preact = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(preact))))
+        # The identity path takes the raw input, the projection the pre-activated one (zoo.md 3.3).
+        return out + (x if self.convShortcut is None else self.convShortcut(preact))
+
+
+class WideStage(nn.Module):
+    """RepDistiller's NetworkBlock: the extra `.layer` level is part of the keys (blockS.layer.J)."""
+
+    def __init__(self, num_blocks, in_planes, out_planes, stride):
+        super().__init__()
+        blocks = [WideBasicBlock(in_planes, out_planes, stride)]
+        blocks += [WideBasicBlock(out_planes, out_planes, 1) for _ in range(num_blocks - 1)]
+        self.layer = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth, widen_factor, num_classes):
+        super().__init__()
+        num_blocks = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)  # no BN/ReLU: blocks pre-activate
+        self.block1 = WideStage(num_blocks, widths[0], widths[1], 1)
+        self.block2 = WideStage(num_blocks, widths[1], widths[2], 2)
+        self.block3 = WideStage(num_blocks, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+        self.feat_dim = widths[3]
+        _he_init_convs(self)
+        nn.init.zeros_(self.fc.bias)  # weight keeps the PyTorch default
+
+    def forward(self, x, is_feat=False):
+        x = self.conv1(x)
+        feats = [x]
+        for stage in (self.block1, self.block2, self.block3):
+            x = stage(x)
+            feats.append(x)  # raw stage outputs, before the final BN-ReLU
+        x = F.relu(self.bn1(x))
+        x = torch.flatten(F.avg_pool2d(x, 8), 1)
+        feats.append(x)
+        logits = self.fc(x)
+        return (feats, logits) if is_feat else logits
+
+
+# ---- VGG with BN: vgg8, vgg11, vgg13, vgg16, vgg19 (zoo.md 3.4) ----
+
+# Conv widths of the five groups block0..block4 (cfg S, A, B, D, E).
+VGG_GROUP_WIDTHS = {
+    "vgg8": ([64], [128], [256], [512], [512]),
+    "vgg11": ([64], [128], [256] * 2, [512] * 2, [512] * 2),
+    "vgg13": ([64] * 2, [128] * 2, [256] * 2, [512] * 2, [512] * 2),
+    "vgg16": ([64] * 2, [128] * 2, [256] * 3, [512] * 3, [512] * 3),
+    "vgg19": ([64] * 2, [128] * 2, [256] * 4, [512] * 4, [512] * 4),
+}
+
+
+def _vgg_group(in_channels, widths):
+    """(conv with bias, BN, ReLU) per width, minus the last ReLU: keys blockG.{3j} conv, {3j+1} BN."""
+    layers = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        in_channels = width
+    return nn.Sequential(*layers[:-1])
+
+
+class VGG(nn.Module):
+    def __init__(self, group_widths, num_classes):
+        super().__init__()
+        in_channels = 3
+        for g, widths in enumerate(group_widths):
+            self.add_module(f"block{g}", _vgg_group(in_channels, widths))
+            in_channels = widths[-1]
+        self.classifier = nn.Linear(512, num_classes)
+        self.feat_dim = 512
+        _he_init_convs(self)
+        nn.init.normal_(self.classifier.weight, 0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x, is_feat=False):
+        # RepDistiller max-pools after block3 only for 64-px inputs; at 32 px block4 runs at 4x4.
+        pool_after_block3 = x.shape[2] == 64
+        feats = []
+        for g in range(5):
+            x = F.relu(getattr(self, f"block{g}")(x))
+            feats.append(x)
+            if g < 3 or (g == 3 and pool_after_block3):
+                x = F.max_pool2d(x, 2)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        feats.append(x)
+        logits = self.classifier(x)
+        return (feats, logits) if is_feat else logits
+
+
+# ---- MobileNetV2 = RepDistiller's mobile_half: expansion 6, width 0.5 (zoo.md 3.5) ----
+
+# (expansion, output channels = int(0.5 * width-1.0 channels), repeats, first stride) per stage.
+MOBILE_HALF_STAGES = (
+    (1, 8, 1, 1), (6, 12, 2, 1), (6, 16, 3, 2), (6, 32, 4, 2), (6, 48, 3, 1), (6, 80, 3, 2), (6, 160, 1, 1)
+)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, in_channels, out_channels, stride, expansion):
+        super().__init__()
+        hidden = in_channels * expansion
+        self.use_residual = stride == 1 and in_channels == out_channels
+        # Keys conv.0/1 (expand, kept even for expansion 1), conv.3/4 (depthwise), conv.6/7 (project).
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1 = _conv_bn_relu(3, 16, 3, stride=2)  # stride 2: 16x16 after the stem
+        stages, in_channels = [], 16
+        for expansion, out_channels, repeats, stride in MOBILE_HALF_STAGES:
+            blocks = [InvertedResidual(in_channels, out_channels, stride, expansion)]
+            blocks += [InvertedResidual(out_channels, out_channels, 1, expansion) for _ in range(repeats - 1)]
+            stages.append(nn.Sequential(*blocks))
+            in_channels = out_channels
+        self.blocks = nn.ModuleList(stages)
+        self.conv2 = _conv_bn_relu(160, 1280, 1)
+        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))  # keys classifier.0.*
+        self.feat_dim = 1280
+        _he_init_convs(self)
+        nn.init.normal_(self.classifier[0].weight, 0, 0.01)
+        nn.init.zeros_(self.classifier[0].bias)
+
+    def forward(self, x, is_feat=False):
+        x = self.conv1(x)
+        feats = [x]
+        for s, stage in enumerate(self.blocks):
+            x = stage(x)
+            if s in (1, 2, 4, 6):  # f1..f4 as in RepDistiller
+                feats.append(x)
+        x = self.conv2(x)
+        # RepDistiller: AvgPool2d(input_size // 16 = 2, ceil_mode=True) on the 2x2 map.
+        x = torch.flatten(F.avg_pool2d(x, 2, ceil_mode=True), 1)
+        feats.append(x)
+        logits = self.classifier(x)
+        return (feats, logits) if is_feat else logits
+
+
+# ---- ShuffleNets: ShuffleV1 (zoo.md 3.6), ShuffleV2 (zoo.md 3.7); PyTorch default init ----
+
+
+def channel_shuffle(x, groups):
+    """[N, g*c, H, W] -> view as [N, g, c, H, W], swap g and c, flatten back (reshape: channels_last safe)."""
+    n, channels, h, w = x.shape
+    return x.reshape(n, groups, channels // groups, h, w).transpose(1, 2).reshape(n, channels, h, w)
+
+
+class ShuffleV1Block(nn.Module):
+    def __init__(self, in_planes, out_planes, stride, groups=3):
+        super().__init__()
+        mid = out_planes // 4
+        # The first 1x1 is not grouped on the 24-channel stem output (ShuffleNet paper, RepDistiller).
+        self.first_groups = 1 if in_planes == 24 else groups
+        self.stride = stride
+        self.conv1 = nn.Conv2d(in_planes, mid, 1, groups=self.first_groups, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_planes, 1, groups=groups, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = channel_shuffle(out, self.first_groups)
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.stride == 2:  # the block adds out_planes channels to the pooled input
+            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
+        return F.relu(out + x)
+
+
+class ShuffleV1(nn.Module):
+    def __init__(self, num_classes, out_planes=(240, 480, 960), num_blocks=(4, 8, 4)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)  # 1x1 stem, no max-pool
+        self.bn1 = nn.BatchNorm2d(24)
+        in_planes, stages = 24, []
+        for planes, repeats in zip(out_planes, num_blocks):
+            # First block strides and concatenates the pooled input: it produces planes - in_planes.
+            blocks = [ShuffleV1Block(in_planes, planes - in_planes, 2)]
+            blocks += [ShuffleV1Block(planes, planes, 1) for _ in range(repeats - 1)]
+            stages.append(nn.Sequential(*blocks))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(out_planes[-1], num_classes)
+        self.feat_dim = out_planes[-1]
+
+    def forward(self, x, is_feat=False):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x = stage(x)
+            feats.append(x)
+        x = torch.flatten(F.avg_pool2d(x, 4), 1)
+        feats.append(x)
+        logits = self.linear(x)
+        return (feats, logits) if is_feat else logits
+
+
+class ShuffleV2DownBlock(nn.Module):
+    """Two stride-2 branches on the full input, each producing out/2 channels."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        mid = out_channels // 2
+        # left: depthwise 3x3 s2 -> 1x1
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, 2, 1, groups=in_channels, bias=False)
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv2 = nn.Conv2d(in_channels, mid, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        # right: 1x1 -> depthwise 3x3 s2 -> 1x1
+        self.conv3 = nn.Conv2d(in_channels, mid, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv4 = nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False)
+        self.bn4 = nn.BatchNorm2d(mid)
+        self.conv5 = nn.Conv2d(mid, mid, 1, bias=False)
+        self.bn5 = nn.BatchNorm2d(mid)
+
+    def forward(self, x):
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = self.bn4(self.conv4(F.relu(self.bn3(self.conv3(x)))))
+        right = F.relu(self.bn5(self.conv5(right)))
+        return channel_shuffle(torch.cat([left, right], 1), 2)
+
+
+class ShuffleV2BasicBlock(nn.Module):
+    """First half of the channels passes through, the second half is transformed."""
+
+    def __init__(self, channels):
+        super().__init__()
+        half = channels // 2
+        self.conv1 = nn.Conv2d(half, half, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(half)
+        self.conv2 = nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False)
+        self.bn2 = nn.BatchNorm2d(half)
+        self.conv3 = nn.Conv2d(half, half, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(half)
+
+    def forward(self, x):
+        half = x.shape[1] // 2
+        passed, processed = x[:, :half], x[:, half:]
+        processed = F.relu(self.bn1(self.conv1(processed)))
+        processed = self.bn2(self.conv2(processed))
+        processed = F.relu(self.bn3(self.conv3(processed)))
+        return channel_shuffle(torch.cat([passed, processed], 1), 2)
+
+
+class ShuffleV2(nn.Module):
+    def __init__(self, num_classes, stage_channels=(116, 232, 464), num_blocks=(3, 7, 3), final_channels=1024):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        in_channels, stages = 24, []
+        for channels, repeats in zip(stage_channels, num_blocks):
+            # layerS.0 down-samples, layerS.1..repeats are basic blocks (repeats + 1 blocks in all).
+            blocks = [ShuffleV2DownBlock(in_channels, channels)]
+            blocks += [ShuffleV2BasicBlock(channels) for _ in range(repeats)]
+            stages.append(nn.Sequential(*blocks))
+            in_channels = channels
+        self.layer1, self.layer2, self.layer3 = stages
+        self.conv2 = nn.Conv2d(in_channels, final_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(final_channels)
+        self.linear = nn.Linear(final_channels, num_classes)
+        self.feat_dim = final_channels
+
+    def forward(self, x, is_feat=False):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x = stage(x)
+            feats.append(x)
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = torch.flatten(F.avg_pool2d(x, 4), 1)
+        feats.append(x)
+        logits = self.linear(x)
+        return (feats, logits) if is_feat else logits
+
+
+# ---- Registry: RepDistiller `models/__init__.py` names (zoo.md 1.4) ----
+
+_SMALL_RESNET_WIDTHS = (16, 16, 32, 64)
+_X4_RESNET_WIDTHS = (32, 64, 128, 256)
+
+_ZOO = {
+    **{
+        f"resnet{6 * n + 2}": (lambda num_classes, n=n: CifarResNet(n, _SMALL_RESNET_WIDTHS, num_classes))
+        for n in (1, 2, 3, 5, 7, 9, 18)
+    },
+    "resnet8x4": lambda num_classes: CifarResNet(1, _X4_RESNET_WIDTHS, num_classes),
+    "resnet32x4": lambda num_classes: CifarResNet(5, _X4_RESNET_WIDTHS, num_classes),
+    "ResNet50": ResNet50,
+    "wrn_16_1": lambda num_classes: WideResNet(16, 1, num_classes),
+    "wrn_16_2": lambda num_classes: WideResNet(16, 2, num_classes),
+    "wrn_40_1": lambda num_classes: WideResNet(40, 1, num_classes),
+    "wrn_40_2": lambda num_classes: WideResNet(40, 2, num_classes),
+    **{
+        name: (lambda num_classes, widths=widths: VGG(widths, num_classes))
+        for name, widths in VGG_GROUP_WIDTHS.items()
+    },
+    "MobileNetV2": MobileNetV2,
+    "ShuffleV1": ShuffleV1,
+    "ShuffleV2": ShuffleV2,
+}
+MODEL_NAMES = tuple(_ZOO)
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """Build a zoo backbone by its RepDistiller name; `arch` and `num_classes` are recorded on the model
+    because checkpoints store them."""
+    if name not in _ZOO:
+        raise ConfigError(f"unknown architecture {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    model = _ZOO[name](num_classes=num_classes)
+    model.arch = name
+    model.num_classes = num_classes
+    return model
+
+# =================================================================================================
+# TRAINING UTILITIES
+# =================================================================================================
+
+# RepDistiller forces lr 0.01 for these students (specs/README.md section 7).
+SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+def default_lr(arch, learning_rate=None, base_lr=0.05, small_lr=0.01):
+    """The recipe's initial lr: an explicit --learning-rate wins, else 0.01 for M/S models."""
+    if learning_rate is not None:
+        return learning_rate
+    return small_lr if arch in SMALL_LR_MODELS else base_lr
+
+
+def lr_at_epoch(epoch, base_lr, milestones, gamma):
+    """MultiStepLR semantics with 0-based epochs: lr * gamma^#{m in milestones : m <= epoch}."""
+    return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def make_sgd(parameters, lr, args):
+    return torch.optim.SGD(parameters, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           nesterov=args.nesterov)
+
+
+def seed_everything(seed, deterministic):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def get_device(name=None):
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} was requested but CUDA is not available; use --device cpu")
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device, enabled):
+    """bf16 autocast (`--amp`): on CUDA, and on CPUs with bf16 units (AVX512-BF16/AMX)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def prepare_model(model, device, amp):
+    """Move to the device; channels_last goes with --amp (it is what makes bf16 convs fast)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if amp else model
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size=128, amp=False):
+    """Top-1 and top-5 (%) on the un-augmented test set, model in eval mode."""
+    model.eval()
+    device = data.test_labels.device
+    correct1 = correct5 = torch.zeros((), device=device)
+    k = min(5, data.num_classes)
+    for start in range(0, len(data.test_labels), batch_size):
+        images = data.normalize(data.test_images[start:start + batch_size])
+        labels = data.test_labels[start:start + batch_size]
+        with autocast(device, amp):
+            logits = model(images)
+        top = logits.float().topk(k, dim=1).indices
+        correct1 = correct1 + (top[:, 0] == labels).sum()
+        correct5 = correct5 + (top == labels[:, None]).any(dim=1).sum()
+    total = len(data.test_labels)
+    return {"top1": 100.0 * correct1.item() / total, "top5": 100.0 * correct5.item() / total}
+
+
+def accuracy_count(logits, labels):
+    """Number of rows whose argmax is the label (a tensor: no host sync inside the step)."""
+    return (logits.argmax(dim=1) == labels).sum()
+
+
+class Meter:
+    """Sums of per-batch metrics kept on the device; one host sync per epoch in `averages`."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, name, value, count):
+        self.sums[name] = self.sums.get(name, 0) + value.detach().float() * count
+        self.counts[name] = self.counts.get(name, 0) + count
+
+    def add_sum(self, name, total, count):
+        self.sums[name] = self.sums.get(name, 0) + total.detach().float()
+        self.counts[name] = self.counts.get(name, 0) + count
+
+    def averages(self):
+        values = torch.stack([self.sums[name] for name in self.sums]).tolist()
+        return {name: value / self.counts[name] for name, value in zip(self.sums, values)}
+
+
+def check_finite(metrics, epoch, run_dir):
+    """Stop with advice when a loss went NaN/inf; the last good epoch is already on disk."""
+    bad = [name for name, value in metrics.items() if name.startswith("loss/") and not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(
+            f"{', '.join(bad)} became non-finite in epoch {epoch}. The checkpoint of the last finished "
+            f"epoch is in {run_dir}; lower --learning-rate or turn off --amp, then rerun with --resume.")
+
+
+# =================================================================================================
+# RUN BOOKKEEPING: arguments, logging, checkpoints, teachers
+# =================================================================================================
+
+def _field_docs(args_class):
+    """The string literal under each dataclass field: its --help text (as CleanRL/tyro read it)."""
+    body = ast.parse(inspect.getsource(args_class)).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = after.value.value
+    return docs
+
+
+def _str2bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def parse_args(args_class, argv=None):
+    """Build the command line from the `Args` dataclass: `--field-name`, help from the field's
+    docstring, bools as `--flag` / `--flag false`, tuples as space- or comma-separated values."""
+    docs = _field_docs(args_class)
+    hints = typing.get_type_hints(args_class)
+    module_doc = (sys.modules[args_class.__module__].__doc__ or "").strip()
+    parser = argparse.ArgumentParser(description=module_doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tuple_fields = {}
+    for field in dataclasses.fields(args_class):
+        flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
+        options = dict(default=field.default, help=docs.get(field.name, ""))
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        if kind is bool:
+            options.update(type=_str2bool, nargs="?", const=True, metavar="BOOL")
+        elif typing.get_origin(kind) is typing.Literal:
+            options.update(choices=typing.get_args(kind))
+        elif typing.get_origin(kind) is tuple:
+            tuple_fields[field.name] = typing.get_args(kind)[0]
+            options.update(nargs="+", type=str)
+        else:
+            options.update(type=kind)
+        parser.add_argument(flag, **options)
+    values = vars(parser.parse_args(argv))
+    for name, item_type in tuple_fields.items():  # "150,180,210" and "150 180 210" both work
+        tokens = values[name] if isinstance(values[name], (list, tuple)) else [values[name]]
+        values[name] = tuple(item_type(part) for token in tokens for part in str(token).split(",") if part)
+    sys.excepthook = _friendly_excepthook
+    return args_class(**values)
+
+
+def _friendly_excepthook(kind, error, trace):
+    """User errors print one clear line instead of a traceback; everything else is unchanged."""
+    if issubclass(kind, (ConfigError, FloatingPointError)):
+        print(f"error: {error}", file=sys.stderr)
+    elif issubclass(kind, KeyboardInterrupt):
+        print("\ninterrupted: every finished epoch is saved; rerun the same command with --resume",
+              file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, trace)
+
+
+def print_config(args, title):
+    print(f"{title}: " + " ".join(f"{key}={value}" for key, value in dataclasses.asdict(args).items()),
+          flush=True)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def prepare_run_dir(args, default_name):
+    """runs/<run_name>/; refuses to overwrite an existing run unless --resume is given."""
+    run_dir = Path(args.output_dir) / (args.run_name or default_name)
+    if (run_dir / "last.pth").exists() and not args.resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or --run-name "
+                          f"(or --output-dir) to start a new one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class Logger:
+    """Per-epoch metrics: one stdout line, runs/<run>/metrics.jsonl, and optionally TensorBoard
+    (`--tensorboard`) and Weights & Biases (`--track`), both imported only when asked for."""
+
+    def __init__(self, run_dir, args, start_epoch=0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.exists():  # on resume, drop epochs that will be run again
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["epoch"] < start_epoch]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tensorboard = self.wandb = None
+        if getattr(args, "tensorboard", False):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(run_dir))
+        if getattr(args, "track", False):
+            import wandb
+            self.wandb = wandb.init(project=args.wandb_project, name=Path(run_dir).name,
+                                    config=dataclasses.asdict(args), resume="allow")
+
+    def log(self, epoch, metrics):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+        if self.tensorboard:
+            for name, value in metrics.items():
+                self.tensorboard.add_scalar(name, value, epoch)
+        if self.wandb:
+            self.wandb.log(metrics, step=epoch)
+
+
+def format_seconds(seconds):
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def print_epoch(epoch, epochs, metrics, seconds_left):
+    """The one progress line per epoch: epoch, lr, each loss term, accuracies, speed, ETA."""
+    losses = " ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith("loss/"))
+    train = " ".join(f"{name} {value:.2f}" for name, value in metrics.items() if name.startswith("train/"))
+    print(f"epoch {epoch + 1}/{epochs} lr {metrics['lr']:.5f} | {losses} | {train} | "
+          f"test/top1 {metrics['test/top1']:.2f} top5 {metrics['test/top5']:.2f} "
+          f"best {metrics['test/best_top1']:.2f} | {metrics['speed/images_per_s']:.0f} img/s | "
+          f"eta {format_seconds(seconds_left)}", flush=True)
+
+
+def save_checkpoint(path, payload):
+    """Atomic save: write a temporary file, then rename, so an interruption never leaves a
+    truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def training_state(model, optimizer, epoch, best, args, **extra):
+    """Everything `--resume` needs. `model` uses RepDistiller's keys so the file also serves as a
+    teacher checkpoint; `epoch` counts finished epochs."""
+    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes,
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
+            "args": dataclasses.asdict(args), "rng": rng_states(), **extra}
+
+
+def model_payload(model, epoch, result, args):
+    """A weights-only checkpoint (best.pth, cached teachers) in RepDistiller's {"model": ...} format."""
+    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes,
+            "epoch": epoch, "test_acc": result["top1"], "args": dataclasses.asdict(args)}
+
+
+def resume_state(run_dir, model, optimizer, resume):
+    """With --resume, load runs/<run>/last.pth into model and optimizer. Returns (start_epoch,
+    best, checkpoint); a fresh start is (0, no best yet, None)."""
+    path = Path(run_dir) / "last.pth"
+    if not (resume and path.exists()):
+        return 0, {"top1": 0.0, "top5": 0.0, "epoch": -1}, None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    load_weights(model, checkpoint, str(path))
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng_states(checkpoint["rng"])
+    print(f"resumed from {path} after epoch {checkpoint['epoch']}", flush=True)
+    return checkpoint["epoch"], checkpoint["best"], checkpoint
+
+
+def extract_state_dict(checkpoint):
+    """The state dict inside any supported checkpoint format (specs/README.md section 9): look for
+    "model", then "state_dict", then "net"; strip DDP's "module." prefix."""
+    for key in ("model", "state_dict", "net"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    return {name.removeprefix("module."): tensor for name, tensor in checkpoint.items()}
+
+
+def load_weights(model, checkpoint, source):
+    """Strict load with a message that says what does not match, instead of a bare KeyError."""
+    if isinstance(checkpoint, dict) and checkpoint.get("arch") not in (None, model.arch):
+        raise ConfigError(f"{source} holds a {checkpoint['arch']}, not the requested {model.arch}; "
+                          f"pass the matching architecture or another checkpoint")
+    if isinstance(checkpoint, dict) and checkpoint.get("num_classes") not in (None, model.num_classes):
+        raise ConfigError(f"{source} has {checkpoint['num_classes']} classes, but this run needs "
+                          f"{model.num_classes} (check --dataset)")
+    state = extract_state_dict(checkpoint)
+    expected = model.state_dict()
+    for ours, theirs in (("classifier.0.weight", "classifier.weight"), ("classifier.0.bias", "classifier.bias")):
+        if ours in expected and theirs in state:  # SSKD/HSAKD MobileNetV2 spell the classifier bare
+            state[ours] = state.pop(theirs)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{name} {tuple(state[name].shape)} vs {tuple(expected[name].shape)}"
+                   for name in expected if name in state and state[name].shape != expected[name].shape]
+    if missing or unexpected or wrong_shape:
+        details = "; ".join(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                            for label, items in (("missing", missing), ("unexpected", unexpected),
+                                                 ("wrong shape", wrong_shape)) if items)
+        raise ConfigError(f"{source} does not match {model.arch} with {model.num_classes} classes ({details})")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model_file(arch, num_classes, path):
+    """Build `arch` and load weights from `path` (any supported format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    with torch.random.fork_rng(devices=[]):  # building a model to overwrite must not shift the seed's stream
+        model = build_model(arch, num_classes)
+    load_weights(model, torch.load(path, map_location="cpu", weights_only=False), str(path))
+    return model
+
+
+# Published teacher accuracies of the RepDistiller/mdistiller checkpoints (specs/README.md section 9).
+EXPECTED_TEACHER_TOP1 = {"wrn_40_2": 75.61, "resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42,
+                         "vgg13": 74.64, "ResNet50": 79.34}
+
+
+def teacher_cache_path(args):
+    """checkpoints/<dataset>/<arch>.pth for the full recipe; a suffix marks reduced runs so a quick
+    test teacher is never mistaken for a real one."""
+    suffix = (f"_e{args.teacher_epochs}" if args.teacher_epochs != 240 else "") + \
+             (f"_n{args.train_subset}" if args.train_subset else "")
+    return Path(args.checkpoint_dir) / args.dataset / f"{args.teacher}{suffix}.pth"
+
+
+def train_teacher(args, cache_path):
+    """Train the missing teacher with baseline.py (one code path for baselines and teachers) and
+    keep its last-epoch weights, as RepDistiller's ckpt_epoch_240.pth teachers are."""
+    run_name = "teacher_" + cache_path.stem + f"_{args.dataset}"
+    command = [sys.executable, str(REPO_DIR / "baseline.py"), "--model", args.teacher,
+               "--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(args.teacher_epochs),
+               "--amp", str(args.amp), "--output-dir", args.output_dir, "--run-name", run_name, "--resume"]
+    if args.train_subset:
+        command += ["--train-subset", str(args.train_subset)]
+    if args.device:
+        command += ["--device", args.device]
+    print(f"no teacher checkpoint at {cache_path}: training one with baseline.py "
+          f"({args.teacher_epochs} epochs; interruptible, resumes where it stopped)\n  {' '.join(command)}",
+          flush=True)
+    if subprocess.run(command).returncode != 0:
+        raise ConfigError(f"training the teacher failed (see above); fix it and rerun, it resumes")
+    last = torch.load(Path(args.output_dir) / run_name / "last.pth", map_location="cpu", weights_only=False)
+    save_checkpoint(cache_path, {key: last[key] for key in ("model", "arch", "num_classes", "epoch", "args")})
+
+
+def load_teacher(args, data, device):
+    """The teacher for distillation, in eval mode and frozen, with its test accuracy printed.
+    Uses --teacher-path, else the cached checkpoint, else trains one with baseline.py first."""
+    path = Path(args.teacher_path) if args.teacher_path else teacher_cache_path(args)
+    if not args.teacher_path and not path.exists():
+        train_teacher(args, path)
+    teacher = prepare_model(load_model_file(args.teacher, data.num_classes, path), device, args.amp)
+    teacher.eval().requires_grad_(False)
+    result = evaluate(teacher, data, args.eval_batch_size, args.amp)
+    print(f"teacher {args.teacher} from {path}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}",
+          flush=True)
+    expected = args.teacher_expected_acc
+    full_recipe = args.teacher_path or path.stem == args.teacher  # not a reduced quick-run teacher
+    if expected is None and args.dataset == "cifar100" and full_recipe:
+        expected = EXPECTED_TEACHER_TOP1.get(args.teacher)
+    if expected is not None and abs(result["top1"] - expected) > 0.5:
+        message = f"teacher top1 {result['top1']:.2f} differs from the expected {expected:.2f} by more than 0.5"
+        if args.strict_teacher_check:
+            raise ConfigError(message + " (--strict-teacher-check is on)")
+        print(f"warning: {message}", flush=True)
+    return teacher, result
+
+
+def write_summary(run_dir, args, best, last, **extra):
+    """The small JSON every run ends with (specs/README.md section 8): last-epoch top-1 is the
+    primary number, best-epoch top-1 is labelled as such."""
+    summary = {"last_top1": last["top1"], "last_top5": last["top5"], "best_top1": best["top1"],
+               "best_epoch": best["epoch"] + 1, **extra, "seed": args.seed, "git_commit": git_commit(),
+               "args": dataclasses.asdict(args)}
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"done: last-epoch test top1 {last['top1']:.2f} (primary), best-epoch top1 {best['top1']:.2f} "
+          f"at epoch {best['epoch'] + 1}; summary in {Path(run_dir) / 'summary.json'}", flush=True)
+    return summary

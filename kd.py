@@ -1,0 +1,161 @@
+"""Hinton knowledge distillation (KD) with the RepDistiller CIFAR recipe.
+
+Paper: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014
+Deep Learning Workshop, https://arxiv.org/abs/1503.02531. Reference code: HobbitLong/RepDistiller
+`train_student.py --distill kd -r 0.1 -a 0.9 -b 0` (spec: specs/kd.md).
+
+A frozen teacher, trained beforehand with plain cross-entropy (baseline.py), looks at the same
+augmented batch as the student. The student learns from two targets at once: the hard label
+(cross-entropy, weight 0.1) and the teacher's whole class distribution softened by a temperature
+T = 4 (KL divergence, weight 0.9, scaled by T^2 so its gradient keeps the size of the CE's as T
+grows). Compared with baseline.py, the only changes are the teacher (loaded, or trained and cached
+when missing, and evaluated before the first student step) and the `kd_loss` term.
+"""
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args:
+    dataset: Literal["cifar100", "cifar10"] = "cifar100"
+    """dataset to train on"""
+    data_dir: str = "data"
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    teacher: str = "resnet32x4"
+    """zoo architecture of the teacher"""
+    student: str = "resnet8x4"
+    """zoo architecture of the student"""
+    epochs: int = 240
+    """number of training epochs"""
+    batch_size: int = 64
+    """training batch size"""
+    learning_rate: Optional[float] = None
+    """initial lr; unset means 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2"""
+    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    """0-based epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = False
+    """Nesterov momentum (RepDistiller: off; HSAKD's baseline script: on)"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on all parameters"""
+    seed: int = 1
+    """seed of python, numpy, torch and of the data order and augmentation"""
+    torch_deterministic: bool = True
+    """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    amp: bool = False
+    """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means kd_<teacher>_<student>_<dataset>_seed<seed>"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
+    normalize: Literal["repdistiller", "sskd", "cifar10"] = "repdistiller"
+    """normalisation constants (specs/README.md section 3)"""
+    train_subset: Optional[int] = None
+    """train on the first N training images only (quick runs)"""
+    eval_batch_size: int = 128
+    """test-time batch size (no effect on accuracy)"""
+    tensorboard: bool = False
+    """also log to TensorBoard in the run folder (needs the tensorboard package)"""
+    track: bool = False
+    """also log to Weights & Biases (needs the wandb package)"""
+    wandb_project: str = "sskd-reference"
+    """W&B project name, with --track"""
+    # Teacher
+    teacher_path: Optional[str] = None
+    """teacher checkpoint (ours, RepDistiller/mdistiller, SSKD, HSAKD, PS-KD formats); unset means
+    <checkpoint-dir>/<dataset>/<teacher>.pth, trained with baseline.py first when missing"""
+    checkpoint_dir: str = "checkpoints"
+    """where trained teachers are cached"""
+    teacher_epochs: int = 240
+    """epochs of baseline.py training when the teacher has to be trained"""
+    teacher_expected_acc: Optional[float] = None
+    """expected teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""
+    strict_teacher_check: bool = False
+    """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
+    # KD (specs/kd.md section 1)
+    kd_T: float = 4.0
+    """softmax temperature T of the KD term"""
+    ce_weight: float = 0.1
+    """weight gamma of the cross-entropy with the labels"""
+    kd_weight: float = 0.9
+    """weight alpha of the KD term"""
+
+
+def kd_loss(student_logits, teacher_logits, temperature):
+    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes
+    and averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it as sum / B).
+    The T^2 keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)  # [B, C]
+    teacher_probs = F.softmax(teacher_logits / temperature, dim=1)  # [B, C]
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
+
+
+if __name__ == "__main__":
+    args = common.parse_args(Args)
+    common.print_config(args, "kd")
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = common.get_device(args.device)
+    data = common.load_data(args, device)
+    run_dir = common.prepare_run_dir(args, f"kd_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}")
+
+    # --- METHOD: a frozen teacher, evaluated before the first student step ---
+    teacher, teacher_result = common.load_teacher(args, data, device)
+    # --- END METHOD ---
+    student = common.prepare_model(common.build_model(args.student, data.num_classes), device, args.amp)
+    base_lr = common.default_lr(args.student, args.learning_rate)
+    optimizer = common.make_sgd(student.parameters(), base_lr, args)  # the teacher is not optimised
+    start_epoch, best, _ = common.resume_state(run_dir, student, optimizer, args.resume)
+    logger = common.Logger(run_dir, args, start_epoch)
+
+    for epoch in range(start_epoch, args.epochs):
+        lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
+        common.set_lr(optimizer, lr)
+        student.train()
+        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
+        for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+            with common.autocast(device, args.amp):
+                student_logits = student(images).float()
+                # --- METHOD: KD ---
+                with torch.no_grad():
+                    teacher_logits = teacher(images).float()
+            loss_ce = F.cross_entropy(student_logits, labels)
+            loss_kd = kd_loss(student_logits, teacher_logits, args.kd_T)
+            loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd
+            meter.add("loss/kd", loss_kd, len(labels))
+            # --- END METHOD ---
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            meter.add("loss/ce", loss_ce, len(labels))
+            meter.add("loss/total", loss, len(labels))
+            meter.add_sum("train/top1", 100.0 * common.accuracy_count(student_logits, labels), len(labels))
+            images_seen += len(labels)
+
+        metrics = meter.averages()
+        common.check_finite(metrics, epoch, run_dir)
+        images_per_s = images_seen / (time.time() - epoch_start)
+        result = common.evaluate(student, data, args.eval_batch_size, args.amp)
+        if result["top1"] > best["top1"]:
+            best = {**result, "epoch": epoch}
+            common.save_checkpoint(run_dir / "best.pth", common.model_payload(student, epoch + 1, result, args))
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
+                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        logger.log(epoch, metrics)
+        common.save_checkpoint(run_dir / "last.pth", common.training_state(student, optimizer, epoch + 1, best, args))
+        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+
+    last = common.evaluate(student, data, args.eval_batch_size, args.amp)
+    common.write_summary(run_dir, args, best, last, teacher_top1=teacher_result["top1"])

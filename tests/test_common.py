@@ -1,0 +1,154 @@
+"""Infrastructure in common.py: data loading, on-device augmentation, rotations, schedule, argument
+parsing and checkpoint loading."""
+import dataclasses
+import pickle
+from typing import Literal, Optional, Tuple
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+import common
+
+
+def test_load_cifar_reads_the_official_pickle_layout(cifar_dir):
+    folder = cifar_dir / "cifar-10-batches-py"
+    expected_labels = []
+    for k in range(1, 6):
+        with open(folder / f"data_batch_{k}", "rb") as f:
+            expected_labels += pickle.load(f, encoding="latin1")["labels"]
+    with open(folder / "data_batch_1", "rb") as f:
+        first_row = pickle.load(f, encoding="latin1")["data"][0]
+    train_images, train_labels, test_images, test_labels = common.load_cifar("cifar10", cifar_dir)
+    assert train_images.shape == (320, 3, 32, 32) and train_images.dtype == torch.uint8
+    assert test_images.shape == (200, 3, 32, 32) and len(test_labels) == 200
+    assert train_labels.tolist() == expected_labels  # batches concatenated in order 1..5
+    assert torch.equal(train_images[0].flatten(), torch.from_numpy(first_row))  # CHW row layout
+    _, labels100, _, _ = common.load_cifar("cifar100", cifar_dir)
+    assert labels100.max() < 100 and labels100.max() >= 10  # fine labels, not coarse
+
+
+def test_missing_data_without_download_names_the_files(tmp_path, monkeypatch):
+    def offline(dataset, data_dir):
+        raise OSError("no network")
+    monkeypatch.setattr(common, "_download", offline)
+    with pytest.raises(common.ConfigError, match=r"cifar-100-python.*train.*no network"):
+        common.load_cifar("cifar100", tmp_path / "nothing_here")
+
+
+def test_crop_matches_torchvision_pad_then_crop():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    top = torch.tensor([0, 8, 3, 4, 8, 1])
+    left = torch.tensor([0, 8, 5, 0, 2, 7])
+    cropped = common.crop(images, top, left, padding=4)
+    for i in range(6):
+        reference = TF.crop(TF.pad(images[i], [4]), int(top[i]), int(left[i]), 32, 32)  # RandomCrop(32, padding=4)
+        assert torch.equal(cropped[i], reference)
+
+
+def test_hflip_mirrors_only_selected_images():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    flipped = common.hflip(images, torch.tensor([True, False]))
+    assert torch.equal(flipped[0], TF.hflip(images[0]))
+    assert torch.equal(flipped[1], images[1])
+
+
+def test_standard_augment_gives_a_pad4_crop_or_its_mirror():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    augmented = common.standard_augment(images, torch.Generator().manual_seed(2))
+    for i in range(16):
+        padded = TF.pad(images[i], [4])
+        candidates = [padded[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        assert any(torch.equal(augmented[i], c) or torch.equal(augmented[i], c.flip(2)) for c in candidates)
+
+
+def test_train_batches_visit_every_image_once_with_its_own_label(cifar_dir):
+    args = argparse_namespace(dataset="cifar10", data_dir=cifar_dir)
+    data = common.load_data(args, torch.device("cpu"))
+    seen, sizes = [], []
+    for images, labels, indices in common.train_batches(data, 64, common.epoch_generator(1, 0), augment=False):
+        assert torch.equal(labels, data.train_labels[indices])
+        assert torch.allclose(images, data.normalize(data.train_images[indices]))
+        seen += indices.tolist()
+        sizes.append(len(labels))
+    assert sorted(seen) == list(range(320)) and sizes == [64] * 5  # drop_last=False, shuffled
+    assert seen != list(range(320))
+
+
+def test_normalize_is_totensor_then_normalize():
+    data = common.CifarData(*(torch.empty(0),) * 4, 10, torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1),
+                            torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1))
+    image = torch.tensor([[[[0]], [[255]], [[51]]]], dtype=torch.uint8)
+    expected = torch.tensor([(0 - 0.5) / 0.2, (1 - 0.4) / 0.25, (0.2 - 0.3) / 0.5])
+    assert torch.allclose(data.normalize(image).flatten(), expected)
+
+
+def test_epoch_generator_is_a_function_of_seed_and_epoch():
+    first = torch.randperm(100, generator=common.epoch_generator(3, 7))
+    assert torch.equal(first, torch.randperm(100, generator=common.epoch_generator(3, 7)))
+    assert not torch.equal(first, torch.randperm(100, generator=common.epoch_generator(3, 8)))
+
+
+def test_rotations_interleave_samples_and_joint_labels_follow():
+    images = torch.randn(3, 3, 8, 8)
+    rotated = common.rotations(images)
+    assert rotated.shape == (12, 3, 8, 8)
+    for i in range(3):
+        for k in range(4):
+            assert torch.equal(rotated[4 * i + k], torch.rot90(images[i], k, dims=(1, 2)))
+    assert common.rotation_joint_labels(torch.tensor([2, 0])).tolist() == [8, 9, 10, 11, 0, 1, 2, 3]
+    # counter-clockwise as displayed: the top-right pixel moves to the top-left
+    pixel = torch.zeros(1, 1, 2, 2)
+    pixel[0, 0, 0, 1] = 1
+    assert common.rotations(pixel)[1, 0, 0, 0] == 1
+
+
+def test_lr_schedule_follows_the_kd_recipe():
+    lrs = [common.lr_at_epoch(e, 0.05, (150, 180, 210), 0.1) for e in range(240)]
+    assert lrs[0] == lrs[149] == 0.05
+    assert lrs[150] == pytest.approx(0.005) and lrs[179] == pytest.approx(0.005)
+    assert lrs[180] == pytest.approx(0.0005) and lrs[209] == pytest.approx(0.0005)
+    assert lrs[210] == pytest.approx(0.00005) and lrs[239] == pytest.approx(0.00005)
+    assert common.default_lr("MobileNetV2") == common.default_lr("ShuffleV1") == common.default_lr("ShuffleV2") == 0.01
+    assert common.default_lr("resnet20") == 0.05 and common.default_lr("ShuffleV2", 0.2) == 0.2
+
+
+@dataclasses.dataclass
+class ToyArgs:
+    name: Literal["a", "b"] = "a"
+    """which letter"""
+    milestones: Tuple[int, ...] = (150, 180)
+    """decay epochs"""
+    flag: bool = False
+    """a switch"""
+    rate: Optional[float] = None
+    """an optional number"""
+
+
+def test_parse_args_builds_the_command_line_from_the_dataclass(capsys):
+    assert common.parse_args(ToyArgs, []) == ToyArgs()
+    parsed = common.parse_args(ToyArgs, ["--name", "b", "--milestones", "1,2", "3", "--flag", "--rate", "0.5"])
+    assert parsed == ToyArgs("b", (1, 2, 3), True, 0.5)
+    assert common.parse_args(ToyArgs, ["--flag", "false"]).flag is False
+    with pytest.raises(SystemExit):
+        common.parse_args(ToyArgs, ["--help"])
+    help_text = capsys.readouterr().out
+    assert "which letter" in help_text and "decay epochs" in help_text and "an optional number" in help_text
+    with pytest.raises(SystemExit):
+        common.parse_args(ToyArgs, ["--name", "c"])
+
+
+def test_kd_args_help_documents_every_field():
+    import kd
+    docs = common._field_docs(kd.Args)
+    assert set(docs) == {field.name for field in dataclasses.fields(kd.Args)}
+    assert all(text.strip() for text in docs.values())
+
+
+def argparse_namespace(**overrides):
+    values = dict(dataset="cifar100", data_dir="data", normalize="repdistiller", train_subset=None, amp=False)
+    values.update(overrides)
+    return type("Namespace", (), values)()

@@ -152,3 +152,32 @@ def argparse_namespace(**overrides):
     values = dict(dataset="cifar100", data_dir="data", normalize="repdistiller", train_subset=None, amp=False)
     values.update(overrides)
     return type("Namespace", (), values)()
+
+
+@pytest.mark.parametrize("wrap", ["model", "state_dict", "net"])
+def test_teacher_files_of_every_official_format_load(tmp_path, wrap):
+    source = common.build_model("resnet8", 100)
+    state = {"module." + name: tensor for name, tensor in source.state_dict().items()}  # as saved under DDP
+    torch.save({wrap: state, "epoch": 240}, tmp_path / "teacher.pth")
+    loaded = common.load_model_file("resnet8", 100, tmp_path / "teacher.pth")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+
+
+def test_sskd_style_mobilenetv2_classifier_loads_through_the_mapping(tmp_path):
+    source = common.build_model("MobileNetV2", 100)
+    state = source.state_dict()
+    state["classifier.weight"] = state.pop("classifier.0.weight")  # SSKD/HSAKD spell it as a bare Linear
+    state["classifier.bias"] = state.pop("classifier.0.bias")
+    torch.save({"state_dict": state}, tmp_path / "mobilenet.pth")
+    loaded = common.load_model_file("MobileNetV2", 100, tmp_path / "mobilenet.pth")
+    assert torch.equal(loaded.classifier[0].weight, source.classifier[0].weight)
+
+
+def test_loading_a_checkpoint_does_not_shift_the_seeded_stream(tmp_path):
+    torch.save({"model": common.build_model("resnet8", 10).state_dict()}, tmp_path / "t.pth")
+    torch.manual_seed(0)
+    common.load_model_file("resnet8", 10, tmp_path / "t.pth")
+    after_load = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_load, torch.rand(3))  # a student built next gets the same init as without a teacher

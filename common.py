@@ -236,6 +236,21 @@ def _conv_bn_relu(in_channels, out_channels, kernel_size, stride=1):
     )
 
 
+def _run_stages(x, stages):
+    """Pass the stem output through the stages; returns (last map, [stem output, stage outputs...])."""
+    feats = [x]
+    for stage in stages:
+        x = stage(x)
+        feats.append(x)
+    return x, feats
+
+
+def _classify(pooled, feats, classifier, is_feat):
+    """The zoo interface: logits, or (feats ending with the pooled vector, logits) with is_feat."""
+    logits = classifier(pooled)
+    return (feats + [pooled], logits) if is_feat else logits
+
+
 # ---- CIFAR ResNet: resnet8 ... resnet110, resnet8x4, resnet32x4 (zoo.md 3.1) ----
 
 
@@ -276,15 +291,8 @@ class CifarResNet(nn.Module):
         _he_init_convs(self)  # Linear keeps the PyTorch default
 
     def forward(self, x, is_feat=False):
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats = [x]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            feats.append(x)
-        x = torch.flatten(F.avg_pool2d(x, 8), 1)  # final map is 8x8 for 32-px inputs
-        feats.append(x)
-        logits = self.fc(x)
-        return (feats, logits) if is_feat else logits
+        x, feats = _run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
+        return _classify(torch.flatten(F.avg_pool2d(x, 8), 1), feats, self.fc, is_feat)  # 8x8 final map
 
 
 # ---- ResNet50, CIFAR variant of RepDistiller's resnetv2.py (zoo.md 3.2) ----
@@ -329,15 +337,9 @@ class ResNet50(nn.Module):
         _he_init_convs(self)  # no zero-init of residual BNs; Linear keeps the PyTorch default
 
     def forward(self, x, is_feat=False):
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats = [x]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
-            feats.append(x)
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        feats.append(x)
-        logits = self.linear(x)
-        return (feats, logits) if is_feat else logits
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        x, feats = _run_stages(F.relu(self.bn1(self.conv1(x))), stages)
+        return _classify(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), feats, self.linear, is_feat)
 
 
 # ---- Wide ResNet: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (zoo.md 3.3) ----
@@ -393,16 +395,9 @@ class WideResNet(nn.Module):
         nn.init.zeros_(self.fc.bias)  # weight keeps the PyTorch default
 
     def forward(self, x, is_feat=False):
-        x = self.conv1(x)
-        feats = [x]
-        for stage in (self.block1, self.block2, self.block3):
-            x = stage(x)
-            feats.append(x)  # raw stage outputs, before the final BN-ReLU
-        x = F.relu(self.bn1(x))
-        x = torch.flatten(F.avg_pool2d(x, 8), 1)
-        feats.append(x)
-        logits = self.fc(x)
-        return (feats, logits) if is_feat else logits
+        x, feats = _run_stages(self.conv1(x), (self.block1, self.block2, self.block3))  # raw stage outputs
+        x = F.relu(self.bn1(x))  # the final BN-ReLU belongs to the head, not to f3
+        return _classify(torch.flatten(F.avg_pool2d(x, 8), 1), feats, self.fc, is_feat)
 
 
 # ---- VGG with BN: vgg8, vgg11, vgg13, vgg16, vgg19 (zoo.md 3.4) ----
@@ -448,10 +443,7 @@ class VGG(nn.Module):
             feats.append(x)
             if g < 3 or (g == 3 and pool_after_block3):
                 x = F.max_pool2d(x, 2)
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        feats.append(x)
-        logits = self.classifier(x)
-        return (feats, logits) if is_feat else logits
+        return _classify(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), feats, self.classifier, is_feat)
 
 
 # ---- MobileNetV2 = RepDistiller's mobile_half: expansion 6, width 0.5 (zoo.md 3.5) ----
@@ -510,10 +502,7 @@ class MobileNetV2(nn.Module):
                 feats.append(x)
         x = self.conv2(x)
         # RepDistiller: AvgPool2d(input_size // 16 = 2, ceil_mode=True) on the 2x2 map.
-        x = torch.flatten(F.avg_pool2d(x, 2, ceil_mode=True), 1)
-        feats.append(x)
-        logits = self.classifier(x)
-        return (feats, logits) if is_feat else logits
+        return _classify(torch.flatten(F.avg_pool2d(x, 2, ceil_mode=True), 1), feats, self.classifier, is_feat)
 
 
 # ---- ShuffleNets: ShuffleV1 (zoo.md 3.6), ShuffleV2 (zoo.md 3.7); PyTorch default init ----
@@ -566,15 +555,8 @@ class ShuffleV1(nn.Module):
         self.feat_dim = out_planes[-1]
 
     def forward(self, x, is_feat=False):
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats = [x]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            feats.append(x)
-        x = torch.flatten(F.avg_pool2d(x, 4), 1)
-        feats.append(x)
-        logits = self.linear(x)
-        return (feats, logits) if is_feat else logits
+        x, feats = _run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
+        return _classify(torch.flatten(F.avg_pool2d(x, 4), 1), feats, self.linear, is_feat)
 
 
 class ShuffleV2DownBlock(nn.Module):
@@ -644,16 +626,9 @@ class ShuffleV2(nn.Module):
         self.feat_dim = final_channels
 
     def forward(self, x, is_feat=False):
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats = [x]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            feats.append(x)
+        x, feats = _run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
         x = F.relu(self.bn2(self.conv2(x)))
-        x = torch.flatten(F.avg_pool2d(x, 4), 1)
-        feats.append(x)
-        logits = self.linear(x)
-        return (feats, logits) if is_feat else logits
+        return _classify(torch.flatten(F.avg_pool2d(x, 4), 1), feats, self.linear, is_feat)
 
 
 # ---- Registry: RepDistiller `models/__init__.py` names (zoo.md 1.4) ----

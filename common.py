@@ -872,6 +872,13 @@ def prepare_run_dir(args, default_name):
     return run_dir
 
 
+def _optional_import(module, package):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ConfigError(f"this option needs the {package} package: pip install {package}") from None
+
+
 class Logger:
     """Per-epoch metrics: one stdout line, runs/<run>/metrics.jsonl, and optionally TensorBoard
     (`--tensorboard`) and Weights & Biases (`--track`), both imported only when asked for."""
@@ -884,10 +891,10 @@ class Logger:
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tensorboard = self.wandb = None
         if getattr(args, "tensorboard", False):
-            from torch.utils.tensorboard import SummaryWriter
+            SummaryWriter = _optional_import("torch.utils.tensorboard", "tensorboard").SummaryWriter
             self.tensorboard = SummaryWriter(str(run_dir))
         if getattr(args, "track", False):
-            import wandb
+            wandb = _optional_import("wandb", "wandb")
             self.wandb = wandb.init(project=args.wandb_project, name=Path(run_dir).name,
                                     config=dataclasses.asdict(args), resume="allow")
 
@@ -908,7 +915,9 @@ def format_seconds(seconds):
 
 def print_epoch(epoch, epochs, metrics, seconds_left):
     """The one progress line per epoch: epoch, lr, each loss term, accuracies, speed, ETA."""
-    losses = " ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith("loss/"))
+    loss_order = lambda name: (name != "loss/ce", name == "loss/total")  # ce first, method terms, total last
+    losses = " ".join(f"{name} {metrics[name]:.4f}" for name in sorted(
+        (name for name in metrics if name.startswith("loss/")), key=loss_order))
     train = " ".join(f"{name} {value:.2f}" for name, value in metrics.items() if name.startswith("train/"))
     print(f"epoch {epoch + 1}/{epochs} lr {metrics['lr']:.5f} | {losses} | {train} | "
           f"test/top1 {metrics['test/top1']:.2f} top5 {metrics['test/top5']:.2f} "

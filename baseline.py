@@ -97,9 +97,9 @@ if __name__ == "__main__":
         model.train()
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
         for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+            # --- METHOD: cross-entropy with the hard labels, nothing else ---
             with common.autocast(device, args.amp):
                 logits = model(images).float()
-            # --- METHOD: cross-entropy only ---
             loss_ce = F.cross_entropy(logits, labels)
             loss = loss_ce
             # --- END METHOD ---

@@ -126,21 +126,21 @@ if __name__ == "__main__":
         student.train()
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
         for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+            # --- METHOD: KD, the teacher's softened distribution on the same batch as a second target ---
             with common.autocast(device, args.amp):
                 student_logits = student(images).float()
-                # --- METHOD: KD ---
                 with torch.no_grad():
                     teacher_logits = teacher(images).float()
             loss_ce = F.cross_entropy(student_logits, labels)
             loss_kd = kd_loss(student_logits, teacher_logits, args.kd_T)
             loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd
             meter.add("loss/kd", loss_kd, len(labels))
+            meter.add("loss/total", loss, len(labels))
             # --- END METHOD ---
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             meter.add("loss/ce", loss_ce, len(labels))
-            meter.add("loss/total", loss, len(labels))
             meter.add_sum("train/top1", 100.0 * common.accuracy_count(student_logits, labels), len(labels))
             images_seen += len(labels)
 

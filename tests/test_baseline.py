@@ -1,11 +1,15 @@
 """baseline.py end to end, and the errors every script gives for bad input."""
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import common
-from conftest import run_script
+from conftest import REPO, run_script
 
 
 def read_metrics(run_dir):
@@ -117,3 +121,28 @@ def test_diverging_loss_stops_with_advice(cifar_dir, tmp_path):
     result = run_script("baseline.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--model", "resnet8",
                         "--epochs", "1", "--learning-rate", "1e12", cwd=tmp_path)
     assert result.returncode != 0 and "non-finite" in result.stderr and "--learning-rate" in result.stderr
+
+
+def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, cifar_dir):
+    flags = ["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--model", "resnet8", "--epochs", "6",
+             "--train-subset", "256", "--lr-milestones", "2", "4"]
+    straight = run_script("baseline.py", *flags, "--run-name", "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    process = subprocess.Popen([sys.executable, str(REPO / "baseline.py"), *flags, "--run-name", "cut"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "cut" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # Ctrl-C during the second epoch
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and "--resume" in stderr and "Traceback" not in stderr
+    finished = torch.load(tmp_path / "runs" / "cut" / "last.pth", weights_only=False)["epoch"]
+    assert 1 <= finished < 6
+    resumed = run_script("baseline.py", *flags, "--run-name", "cut", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "runs" / "straight" / "last.pth", weights_only=False)["model"]
+    b = torch.load(tmp_path / "runs" / "cut" / "last.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert without_speed(read_metrics(tmp_path / "runs" / "straight")) == \
+        without_speed(read_metrics(tmp_path / "runs" / "cut"))

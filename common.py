@@ -727,7 +727,7 @@ def autocast(device, enabled):
 
 
 def prepare_model(model, device, amp):
-    """Move to the device; channels_last goes with --amp (it is what makes bf16 convs fast)."""
+    """Move to the device; --amp also switches to channels_last, the layout bf16 conv kernels prefer."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if amp else model
 
@@ -1050,7 +1050,7 @@ def train_teacher(args, cache_path):
           f"({args.teacher_epochs} epochs; interruptible, resumes where it stopped)\n  {' '.join(command)}",
           flush=True)
     if subprocess.run(command).returncode != 0:
-        raise ConfigError(f"training the teacher failed (see above); fix it and rerun, it resumes")
+        raise ConfigError("training the teacher failed (see above); fix it and rerun, it resumes")
     last = torch.load(Path(args.output_dir) / run_name / "last.pth", map_location="cpu", weights_only=False)
     save_checkpoint(cache_path, {key: last[key] for key in ("model", "arch", "num_classes", "epoch", "args")})
 

@@ -130,9 +130,9 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
     assert straight.returncode == 0, straight.stderr
     process = subprocess.Popen([sys.executable, str(REPO / "baseline.py"), *flags, "--run-name", "cut"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "runs" / "cut" / "metrics.jsonl"
+    checkpoint = tmp_path / "runs" / "cut" / "last.pth"  # appears atomically once epoch 1 is finished
     deadline = time.time() + 300
-    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+    while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)  # Ctrl-C during the second epoch
     _, stderr = process.communicate(timeout=300)

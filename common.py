@@ -631,6 +631,15 @@ class ShuffleV2(nn.Module):
         return _classify(torch.flatten(F.avg_pool2d(x, 4), 1), feats, self.linear, is_feat)
 
 
+# ---- Extra backbone: HSAKD's MobileNetV2 with a stride-1 stem (zoo.md 4.1) ----
+
+
+# ---- Extra backbone: PS-KD's CIFAR PreAct ResNet-18 (zoo.md 4.2) ----
+
+
+# ---- Extra backbones: CSS multi-branch ResNets (zoo.md 4.3) ----
+
+
 # ---- Registry: RepDistiller `models/__init__.py` names (zoo.md 1.4) ----
 
 _SMALL_RESNET_WIDTHS = (16, 16, 32, 64)
@@ -655,6 +664,7 @@ _ZOO = {
     "MobileNetV2": MobileNetV2,
     "ShuffleV1": ShuffleV1,
     "ShuffleV2": ShuffleV2,
+    # Extra backbones (zoo.md section 4), after the RepDistiller names
 }
 MODEL_NAMES = tuple(_ZOO)
 
@@ -668,6 +678,9 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     model.arch = name
     model.num_classes = num_classes
     return model
+
+
+# ---- HSAKD auxiliary classifiers (zoo.md 4.4, hssakd.md) ----
 
 
 # =================================================================================================

@@ -1,5 +1,6 @@
 """Shared fixtures: miniature CIFAR-10 and CIFAR-100 folders in the official python pickle layout,
 so tests exercise the real loading path (common.load_cifar) without internet access."""
+import json
 import os
 import pickle
 import subprocess
@@ -71,3 +72,8 @@ def run_script(script, *args, cwd, env=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+# The spec's zoo_state_dicts.json: name -> {"params": count, "state_dict": {key: shape}} for 100
+# classes, including the extra backbones and the HSAKD auxiliary models (zoo.md section 4).
+ZOO_REFERENCE = json.loads((Path(__file__).parent / "zoo_state_dicts.json").read_text())

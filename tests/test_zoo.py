@@ -10,9 +10,11 @@ import torch
 
 import common
 
-# RepDistiller@b84f547 state-dict maps (name -> {"params", "state_dict": {key: shape}}), the 22
-# RepDistiller entries of the spec's zoo_state_dicts.json, shipped so the test runs from a clone.
+# The spec's zoo_state_dicts.json (name -> {"params", "state_dict": {key: shape}}), shipped so the test
+# runs from a clone. Its first 22 entries are RepDistiller@b84f547; the extra backbones and HSAKD
+# auxiliary models after them are tested in the test file of the method that needs them.
 REFERENCE = json.loads((Path(__file__).parent / "zoo_state_dicts.json").read_text())
+REPDISTILLER_NAMES = tuple(REFERENCE)[:22]
 
 # zoo.md section 2, "feats (is_feat)" column for a 32x32 input: C@H is [N, C, H, H], C alone is [N, C].
 EXPECTED_FEATS = {
@@ -58,23 +60,24 @@ def model_100(name):
     return common.build_model(name, 100).eval()
 
 
-def test_model_names_are_the_repdistiller_names_in_zoo_order():
-    assert common.MODEL_NAMES == tuple(REFERENCE)
+def test_model_names_start_with_the_repdistiller_names_in_zoo_order():
+    assert REPDISTILLER_NAMES[-1] == "ShuffleV2"
+    assert common.MODEL_NAMES[:22] == REPDISTILLER_NAMES
 
 
-@pytest.mark.parametrize("name", common.MODEL_NAMES)
+@pytest.mark.parametrize("name", REPDISTILLER_NAMES)
 def test_state_dict_keys_and_shapes_equal_repdistiller(name):
     # Exact equality (BN buffers included) is what makes RepDistiller/mdistiller teachers load strictly.
     ours = {key: list(tensor.shape) for key, tensor in model_100(name).state_dict().items()}
     assert ours == REFERENCE[name]["state_dict"]
 
 
-@pytest.mark.parametrize("name", common.MODEL_NAMES)
+@pytest.mark.parametrize("name", REPDISTILLER_NAMES)
 def test_parameter_count_equals_reference(name):
     assert sum(p.numel() for p in model_100(name).parameters()) == REFERENCE[name]["params"]
 
 
-@pytest.mark.parametrize("name", common.MODEL_NAMES)
+@pytest.mark.parametrize("name", REPDISTILLER_NAMES)
 def test_is_feat_shapes_match_spec_table_and_feat_dim(name):
     model = model_100(name)
     with torch.no_grad():
@@ -84,7 +87,7 @@ def test_is_feat_shapes_match_spec_table_and_feat_dim(name):
     assert list(logits.shape) == [BATCH, 100]
 
 
-@pytest.mark.parametrize("name", common.MODEL_NAMES)
+@pytest.mark.parametrize("name", REPDISTILLER_NAMES)
 def test_channels_last_and_bf16_autocast_forward(name):
     model = model_100(name)
     images = torch.randn(BATCH, 3, 32, 32)
@@ -141,7 +144,7 @@ def test_unknown_name_raises_value_error_naming_it_and_the_choices():
     assert all(name in str(excinfo.value) for name in common.MODEL_NAMES)
 
 
-@pytest.mark.parametrize("name", common.MODEL_NAMES)
+@pytest.mark.parametrize("name", REPDISTILLER_NAMES)
 def test_num_classes_sets_logit_count_and_build_args_are_recorded(name):
     model = common.build_model(name, 10).eval()
     with torch.no_grad():

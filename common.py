@@ -634,10 +634,160 @@ class ShuffleV2(nn.Module):
 # ---- Extra backbone: HSAKD's MobileNetV2 with a stride-1 stem (zoo.md 4.1) ----
 
 
+class MobileNetV2HSAKD(MobileNetV2):
+    """winycg/HSAKD's MobileNetV2: RepDistiller's mobile_half with a stride-1 stem (stages at 32, 16,
+    8, 4 px; 3.94x the MACs, same 812,836 parameters) and adaptive average pooling. Keys stay
+    `classifier.0.*`; load_weights maps HSAKD's bare `classifier.*` (zoo.md 4.1 item 3)."""
+
+    def __init__(self, num_classes):
+        super().__init__(num_classes)
+        self.conv1[0].stride = (1, 1)
+
+    def forward(self, x, is_feat=False):
+        x = self.conv1(x)
+        feats = [x]
+        for s, stage in enumerate(self.blocks):
+            x = stage(x)
+            if s in (1, 2, 4, 6):
+                feats.append(x)
+        x = self.conv2(x)  # 4x4 here: the parent's fixed 2x2 pooling would not reduce it to 1x1
+        return _classify(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), feats, self.classifier, is_feat)
+
+
 # ---- Extra backbone: PS-KD's CIFAR PreAct ResNet-18 (zoo.md 4.2) ----
 
 
+class PskdPreActBlock(nn.Module):
+    """CS-KD-style pre-activation block: residual and shortcut both start from a = ReLU(bn1(x));
+    the projection shortcut is a 1x1 conv without BN."""
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))  # key shortcut.0
+
+    def forward(self, x):
+        preact = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(preact))))
+        # Unlike the canonical pre-activation ResNet (and WideBasicBlock), the identity path also
+        # takes the pre-activated input (zoo.md 4.2).
+        return out + (preact if self.shortcut is None else self.shortcut(preact))
+
+
+class PreActResNet18(nn.Module):
+    """PS-KD's "PreAct ResNet-18" (`--classifier_type ResNet18`, CIFAR_ResNet18_preActBasic): 3x3 stem
+    with BN-ReLU, four stages of two blocks, no BN-ReLU after the last stage, PyTorch default init.
+    Not mdistiller's (post-activation) ResNet18."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = _residual_stage(PskdPreActBlock, 64, 64, 2, 1)
+        self.layer2 = _residual_stage(PskdPreActBlock, 64, 128, 2, 2)
+        self.layer3 = _residual_stage(PskdPreActBlock, 128, 256, 2, 2)
+        self.layer4 = _residual_stage(PskdPreActBlock, 256, 512, 2, 2)
+        self.linear = nn.Linear(512, num_classes)
+        self.feat_dim = 512
+
+    def forward(self, x, is_feat=False):
+        # The stem's BN-ReLU is followed at once by layer1.0's own BN-ReLU; the official code has both.
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        x, feats = _run_stages(F.relu(self.bn1(self.conv1(x))), stages)
+        return _classify(torch.flatten(F.avg_pool2d(x, 4), 1), feats, self.linear, is_feat)  # 4x4 final map
+
+
 # ---- Extra backbones: CSS multi-branch ResNets (zoo.md 4.3) ----
+
+
+class CssBottleneck(nn.Module):
+    """torchvision's Bottleneck as PumpkinsLemon/CSS `resnet_css.py` uses it: expansion 4, stride
+    in the 3x3, projection named `downsample`; inner width = planes * width_factor."""
+    expansion = 4
+    width_factor = 1
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        width, out_planes = planes * self.width_factor, planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.downsample = nn.Identity()
+        if stride != 1 or in_planes != out_planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.downsample(x))
+
+
+class CssWideBottleneck(CssBottleneck):
+    width_factor = 8  # resnet_css.py wide_resnet20_8: width_per_group 64 * 8
+
+
+class CssMultiBranchResNet(nn.Module):
+    """OKDDip-style multi-branch ResNet (depth 9n + 2): stem + layer1 + layer2 shared, then per
+    branch i its own `layer3_i` and `classifier3_i` Linear(256, num_classes * branches).
+
+    forward(x, branch_masks) -> [N, num_classes * branches, branches], column i = branch i's
+    logits. Branch i's layer3 sees the shared layer2 output times branch_masks[i] ([H, W],
+    broadcast over batch and channels); which region each branch loses is CSS's method and is
+    built in css.py. branch_masks=None feeds every branch the unmasked map.
+    """
+
+    def __init__(self, blocks_per_stage, num_classes, branches=3, block=CssBottleneck):
+        super().__init__()
+        self.branches = branches
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = _residual_stage(block, 16, 16, blocks_per_stage, 1)
+        self.layer2 = _residual_stage(block, 64, 32, blocks_per_stage, 2)
+        for i in range(branches):  # registration order = resnet_css.py's key order
+            self.add_module(f"layer3_{i}", _residual_stage(block, 128, 64, blocks_per_stage, 2))
+            self.add_module(f"classifier3_{i}", nn.Linear(256, num_classes * branches))
+        self.feat_dim = 256
+        _he_init_convs(self)  # BN 1/0 and Linear keep the PyTorch defaults
+
+    def forward(self, x, branch_masks=None):
+        shared = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))  # [N, 128, 16, 16]
+        if branch_masks is not None and branch_masks.shape[-2:] != shared.shape[-2:]:
+            raise ValueError(f"branch masks are {tuple(branch_masks.shape[-2:])}, the layer2 map is "
+                             f"{tuple(shared.shape[-2:])}")
+        outputs = []
+        for i in range(self.branches):
+            branch_input = shared if branch_masks is None else shared * branch_masks[i].to(shared.dtype)
+            features = getattr(self, f"layer3_{i}")(branch_input)  # [N, 256, 8, 8]
+            outputs.append(getattr(self, f"classifier3_{i}")(torch.flatten(F.avg_pool2d(features, 8), 1)))
+        return torch.stack(outputs, dim=2)
+
+
+# name -> (bottlenecks per stage, block); resnet_css.py's resnet56, resnet110, wide_resnet20_8.
+CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck),
+               "css_wide_resnet20_8": (2, CssWideBottleneck)}
+
+
+def build_css_resnet(name, num_classes, branches=3):
+    """A CSS multi-branch network with any number of branches (build_model builds 3)."""
+    if name not in CSS_RESNETS:
+        raise ConfigError(f"{name!r} is not a CSS multi-branch network; choose one of: {', '.join(CSS_RESNETS)} "
+                          f"(the zoo's resnet56/resnet110 are single-branch BasicBlock networks)")
+    blocks_per_stage, block = CSS_RESNETS[name]
+    model = CssMultiBranchResNet(blocks_per_stage, num_classes, branches, block)
+    model.arch, model.num_classes = name, num_classes
+    return model
 
 
 # ---- Registry: RepDistiller `models/__init__.py` names (zoo.md 1.4) ----
@@ -665,6 +815,9 @@ _ZOO = {
     "ShuffleV1": ShuffleV1,
     "ShuffleV2": ShuffleV2,
     # Extra backbones (zoo.md section 4), after the RepDistiller names
+    **{name: (lambda num_classes, name=name: build_css_resnet(name, num_classes)) for name in CSS_RESNETS},
+    "MobileNetV2_hsakd": MobileNetV2HSAKD,
+    "PreActResNet18": PreActResNet18,
 }
 MODEL_NAMES = tuple(_ZOO)
 
@@ -681,6 +834,213 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 
 
 # ---- HSAKD auxiliary classifiers (zoo.md 4.4, hssakd.md) ----
+# winycg/HSAKD@28c8dc2 `models/*_Auxiliary`: L branches, each made of FRESH copies of the backbone's
+# later stages (new weights), the deepest one run at stride 1, then global average pooling and a
+# Linear. State-dict names follow HSAKD (`backbone.*`, `auxiliary_classifier.block_extractor{l}.*`,
+# `.fc{l}`, `.bn{l}` for WRN, `.conv2_{l}` for MobileNetV2) so the authors' "net" checkpoints load.
+
+
+class AuxiliaryClassifier(nn.Module):
+    """Branch l: `block_extractor{l}` -> optional family head `{head_name}{l}` (+ ReLU) -> global
+    average pooling -> `fc{l}` Linear(feat_dim, num_outputs). Input: the L stage outputs."""
+
+    def __init__(self, extractors, feat_dim, num_outputs, heads=(), head_name="", relu_after_head=False):
+        super().__init__()
+        self.num_branches, self.head_name, self.relu_after_head = len(extractors), head_name, relu_after_head
+        for l, extractor in enumerate(extractors, 1):
+            self.add_module(f"block_extractor{l}", extractor)
+        for l, head in enumerate(heads, 1):
+            self.add_module(f"{head_name}{l}", head)
+        for l in range(1, self.num_branches + 1):
+            self.add_module(f"fc{l}", nn.Linear(feat_dim, num_outputs))
+
+    def forward(self, stage_outputs):
+        """[L maps] -> (pooled branch features [L x [N, feat_dim]], branch logits [L x [N, num_outputs]])."""
+        pooled, logits = [], []
+        for l, x in enumerate(stage_outputs, 1):
+            x = getattr(self, f"block_extractor{l}")(x)
+            if self.head_name:
+                x = getattr(self, f"{self.head_name}{l}")(x)
+                x = F.relu(x) if self.relu_after_head else x
+            pooled.append(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+            logits.append(getattr(self, f"fc{l}")(pooled[-1]))
+        return pooled, logits
+
+
+def _cifar_resnet_branches(net, num_outputs):
+    """Inputs f1, f2, f3; branches = stages (w2, s2)+(w3, s2) | (w3, s2) | (w3, s1)."""
+    n = len(net.layer1)
+    w1, w2, w3 = (stage[0].bn2.num_features for stage in (net.layer1, net.layer2, net.layer3))
+    stage = lambda in_planes, planes, stride: _residual_stage(CifarBasicBlock, in_planes, planes, n, stride)
+    extractors = [nn.Sequential(stage(w1, w2, 2), stage(w2, w3, 2)), nn.Sequential(stage(w2, w3, 2)),
+                  nn.Sequential(stage(w3, w3, 1))]
+    return (1, 2, 3), AuxiliaryClassifier(extractors, w3, num_outputs)
+
+
+def _resnet50_branches(net, num_outputs):
+    """Inputs f1..f4; branch l = fresh copies of layer l+1..4, the last branch a stride-1 layer4."""
+    stage = lambda in_planes, layer, stride: _residual_stage(
+        ResNet50Bottleneck, in_planes, layer[0].bn1.num_features, len(layer), stride)
+    layer2, layer3, layer4 = net.layer2, net.layer3, net.layer4
+    extractors = [nn.Sequential(stage(256, layer2, 2), stage(512, layer3, 2), stage(1024, layer4, 2)),
+                  nn.Sequential(stage(512, layer3, 2), stage(1024, layer4, 2)),
+                  nn.Sequential(stage(1024, layer4, 2)), nn.Sequential(stage(2048, layer4, 1))]
+    return (1, 2, 3, 4), AuxiliaryClassifier(extractors, 2048, num_outputs)
+
+
+def _wrn_branches(net, num_outputs):
+    """Inputs: raw block outputs f1..f3; each branch ends with its own BN `bn{l}` and ReLU."""
+    n = len(net.block1.layer)
+    c1, c2, c3 = (block.layer[0].bn2.num_features for block in (net.block1, net.block2, net.block3))
+    extractors = [nn.Sequential(WideStage(n, c1, c2, 2), WideStage(n, c2, c3, 2)),
+                  nn.Sequential(WideStage(n, c2, c3, 2)), nn.Sequential(WideStage(n, c3, c3, 1))]
+    heads = [nn.BatchNorm2d(c3) for _ in extractors]
+    return (1, 2, 3), AuxiliaryClassifier(extractors, c3, num_outputs, heads, "bn", relu_after_head=True)
+
+
+def _vgg_branches(net, num_outputs):
+    """Inputs f0, f1, f2, f4 (post-ReLU). Branch 4 is a group with group 3's widths taking 512 channels."""
+    widths = [[m.out_channels for m in getattr(net, f"block{g}") if isinstance(m, nn.Conv2d)] for g in range(5)]
+    group = lambda g, in_channels=None: [_vgg_group(in_channels or widths[g - 1][-1], widths[g]), nn.ReLU(inplace=True)]
+    pool = lambda: [nn.MaxPool2d(2)]
+    extractors = [nn.Sequential(*pool(), *group(1), *pool(), *group(2), *pool(), *group(3), *group(4)),
+                  nn.Sequential(*pool(), *group(2), *pool(), *group(3), *group(4)),
+                  nn.Sequential(*pool(), *group(3), *group(4)),
+                  nn.Sequential(*group(3, in_channels=512), *group(4))]
+    return (0, 1, 2, 4), AuxiliaryClassifier(extractors, 512, num_outputs)
+
+
+def _mobilenetv2_branches(net, num_outputs):
+    """Inputs f1..f4 (12, 16, 48, 160 channels); stages as (t, width before x0.5, n, s); each branch
+    ends with its own 1x1 conv 160->1280 + BN + ReLU (`conv2_{l}`)."""
+    tail = [(6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    plans = [(12, tail), (16, tail[1:]), (48, tail[3:]), (160, [(6, 160, 3, 1), (6, 320, 1, 1)])]
+    extractors = []
+    for in_channels, stages in plans:
+        modules = []
+        for expansion, width, repeats, stride in stages:
+            out_channels = int(width * 0.5)
+            blocks = [InvertedResidual(in_channels, out_channels, stride, expansion)]
+            blocks += [InvertedResidual(out_channels, out_channels, 1, expansion) for _ in range(repeats - 1)]
+            modules.append(nn.Sequential(*blocks))
+            in_channels = out_channels
+        extractors.append(nn.Sequential(*modules))
+    heads = [_conv_bn_relu(160, 1280, 1) for _ in extractors]
+    return (1, 2, 3, 4), AuxiliaryClassifier(extractors, 1280, num_outputs, heads, "conv2_")
+
+
+def _shufflev1_branches(net, num_outputs):
+    """Inputs f1..f3; branch 3 is a stage of the last width without down-sampling (residual adds)."""
+    planes = [stage[-1].bn3.num_features for stage in (net.layer1, net.layer2, net.layer3)]  # 240, 480, 960
+    blocks2, blocks3 = len(net.layer2), len(net.layer3)
+
+    def stage(in_planes, out_planes, num_blocks, downsample):
+        first = ShuffleV1Block(in_planes, out_planes - in_planes, 2) if downsample else ShuffleV1Block(out_planes, out_planes, 1)
+        return nn.Sequential(first, *[ShuffleV1Block(out_planes, out_planes, 1) for _ in range(num_blocks - 1)])
+
+    extractors = [nn.Sequential(stage(planes[0], planes[1], blocks2, True), stage(planes[1], planes[2], blocks3, True)),
+                  nn.Sequential(stage(planes[1], planes[2], blocks3, True)),
+                  nn.Sequential(stage(planes[2], planes[2], blocks3, False))]
+    return (1, 2, 3), AuxiliaryClassifier(extractors, planes[2], num_outputs)
+
+
+def _shufflev2_branches(net, num_outputs):
+    """Inputs f1..f3; each branch ends with a 1x1 conv to 1024 + BN + ReLU; branch 3's down-sampling
+    block runs at stride 1."""
+    channels = [stage[0].bn2.num_features * 2 for stage in (net.layer1, net.layer2, net.layer3)]  # 116, 232, 464
+    basic2, basic3 = len(net.layer2) - 1, len(net.layer3) - 1
+
+    def stage(in_channels, out_channels, num_basic, stride):
+        down = ShuffleV2DownBlock(in_channels, out_channels)
+        if stride == 1:
+            down.conv1.stride = down.conv4.stride = (1, 1)
+        return nn.Sequential(down, *[ShuffleV2BasicBlock(out_channels) for _ in range(num_basic)])
+
+    final = lambda: [nn.Conv2d(channels[2], net.feat_dim, 1, bias=False), nn.BatchNorm2d(net.feat_dim),
+                     nn.ReLU(inplace=True)]
+    extractors = [nn.Sequential(stage(channels[0], channels[1], basic2, 2), stage(channels[1], channels[2], basic3, 2), *final()),
+                  nn.Sequential(stage(channels[1], channels[2], basic3, 2), *final()),
+                  nn.Sequential(stage(channels[2], channels[2], basic3, 1), *final())]
+    return (1, 2, 3), AuxiliaryClassifier(extractors, net.feat_dim, num_outputs)
+
+
+def _init_auxiliary(classifier, style):
+    """HSAKD's per-family init: "he" convs N(0, sqrt(2/(k*k*out))) + BN 1/0, "he_fc0" also Linear bias 0,
+    "he_fc001" also Linear weight N(0, 0.01); "default" keeps PyTorch's init (VGG: its init routine is
+    never called; ShuffleV2: has none) -- reproduced on purpose (hssakd.md section 10 item 6)."""
+    if style == "default":
+        return
+    _he_init_convs(classifier)
+    for module in classifier.modules():
+        if isinstance(module, nn.Linear) and style in ("he_fc0", "he_fc001"):
+            nn.init.zeros_(module.bias)
+            if style == "he_fc001":
+                nn.init.normal_(module.weight, 0, 0.01)
+
+
+# backbone class -> (branch builder, init style); MobileNetV2HSAKD is caught by MobileNetV2.
+_AUXILIARY_FAMILIES = (
+    (CifarResNet, _cifar_resnet_branches, "he_fc0"),
+    (WideResNet, _wrn_branches, "he_fc0"),
+    (ShuffleV1, _shufflev1_branches, "he_fc0"),
+    (MobileNetV2, _mobilenetv2_branches, "he_fc001"),
+    (ResNet50, _resnet50_branches, "he"),
+    (VGG, _vgg_branches, "default"),
+    (ShuffleV2, _shufflev2_branches, "default"),
+)
+
+
+class AuxiliaryModel(nn.Module):
+    """A zoo backbone plus HSAKD's auxiliary classifiers (`<arch>_aux`, hssakd.md section 4).
+
+    `AuxiliaryModel(backbone, num_outputs)` attaches `num_branches` (L) fresh branches to the backbone's
+    stage outputs `branch_inputs` (positions in its is_feat list); each branch predicts `num_outputs`
+    logits (HSAKD: 4 * num_classes, the class x rotation joint label). Independent of any loss.
+
+    forward(x, detach_stages=False, is_feat=False) -> (aux_logits [L x [N, num_outputs]], logits [N, C]);
+    with is_feat=True -> (backbone feats (zoo is_feat list), pooled branch features [L x [N, feat_dim]],
+    aux_logits, logits). detach_stages=True cuts the branches' gradient into the backbone (HSAKD's
+    grad=False, used to train branches on a frozen backbone). `arch` is "<backbone arch>_aux".
+    """
+
+    def __init__(self, backbone, num_outputs):
+        super().__init__()
+        family = next((entry for entry in _AUXILIARY_FAMILIES if isinstance(backbone, entry[0])), None)
+        if family is None:
+            supported = ", ".join(name for name in MODEL_NAMES if auxiliary_supported(name))
+            raise ConfigError(f"no auxiliary classifiers are defined for {getattr(backbone, 'arch', backbone)}; "
+                              f"choose one of: {supported}")
+        self.backbone = backbone
+        self.branch_inputs, self.auxiliary_classifier = family[1](backbone, num_outputs)
+        _init_auxiliary(self.auxiliary_classifier, family[2])
+        self.num_branches = len(self.branch_inputs)
+        self.feat_dim = backbone.feat_dim
+        self.arch = f"{getattr(backbone, 'arch', type(backbone).__name__)}_aux"
+        self.num_classes = getattr(backbone, "num_classes", None)
+
+    def forward(self, x, detach_stages=False, is_feat=False):
+        feats, logits = self.backbone(x, is_feat=True)
+        stages = [feats[i].detach() if detach_stages else feats[i] for i in self.branch_inputs]
+        aux_feats, aux_logits = self.auxiliary_classifier(stages)
+        return (feats, aux_feats, aux_logits, logits) if is_feat else (aux_logits, logits)
+
+
+def build_auxiliary_model(name, num_classes, num_outputs=None):
+    """`build_model(name)` + auxiliary classifiers with `num_outputs` logits (default 4 * num_classes)."""
+    return AuxiliaryModel(build_model(name, num_classes), num_outputs or 4 * num_classes)
+
+
+def auxiliary_supported(name):
+    """Whether auxiliary classifiers are defined for the zoo backbone `name`."""
+    with torch.device("meta"):  # no weights allocated
+        backbone = build_model(name, 10)
+    return any(isinstance(backbone, entry[0]) for entry in _AUXILIARY_FAMILIES)
+
+
+def auxiliary_branch_count(name):
+    """L for a zoo name, without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        return AuxiliaryModel(build_model(name, 10), 1).num_branches
 
 
 # =================================================================================================
@@ -701,6 +1061,14 @@ def default_lr(arch, learning_rate=None, base_lr=0.05, small_lr=0.01):
 def lr_at_epoch(epoch, base_lr, milestones, gamma):
     """MultiStepLR semantics with 0-based epochs: lr * gamma^#{m in milestones : m <= epoch}."""
     return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def lr_with_warmup(epoch, base_lr, milestones, gamma, warmup_epochs):
+    """`lr_at_epoch` after a linear warm-up stepped once per epoch: 0-based epoch e < warmup_epochs
+    uses base_lr * (e + 1) / warmup_epochs (5 epochs: 0.2, 0.4, ..., 1.0 times base_lr)."""
+    if epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
+    return lr_at_epoch(epoch, base_lr, milestones, gamma)
 
 
 def set_lr(optimizer, lr):
@@ -762,6 +1130,37 @@ def evaluate(model, data, batch_size=128, amp=False):
         correct5 = correct5 + (top == labels[:, None]).any(dim=1).sum()
     total = len(data.test_labels)
     return {"top1": 100.0 * correct1.item() / total, "top5": 100.0 * correct5.item() / total}
+
+
+def calibration_error(confidences, correct, bins=10):
+    """Expected calibration error in % (Guo et al. 2017): sum over equal-width confidence bins
+    (lower, upper] of (bin count / N) * |accuracy in bin - mean confidence in bin|.
+    confidences: max softmax probability [N]; correct: bool [N]."""
+    edges = torch.linspace(0, 1, bins + 1, device=confidences.device)
+    bin_of = torch.bucketize(confidences, edges[1:-1])  # right-closed bins; 0 and 1 fall in the end bins
+    # Per bin, sum(correct - confidence) = count * (accuracy - mean confidence); a one-hot matmul
+    # instead of index_add_ keeps it deterministic on CUDA.
+    gaps = F.one_hot(bin_of, bins).float().T @ (correct.float() - confidences.float())
+    return 100.0 * gaps.abs().sum().item() / len(confidences)
+
+
+@torch.no_grad()
+def evaluate_calibrated(model, data, batch_size=128, amp=False, bins=10):
+    """`evaluate` plus calibration, from one pass over the test set: top1, top5 (%), nll (mean test
+    cross-entropy, nats) and ece (expected calibration error with `bins` bins, %)."""
+    model.eval()
+    device = data.test_labels.device
+    chunks = []
+    for start in range(0, len(data.test_labels), batch_size):
+        with autocast(device, amp):
+            chunks.append(model(data.normalize(data.test_images[start:start + batch_size])).float())
+    logits, labels = torch.cat(chunks), data.test_labels
+    top = logits.topk(min(5, data.num_classes), dim=1).indices
+    confidences = F.softmax(logits, dim=1).max(dim=1).values
+    return {"top1": 100.0 * (top[:, 0] == labels).sum().item() / len(labels),
+            "top5": 100.0 * (top == labels[:, None]).any(dim=1).sum().item() / len(labels),
+            "nll": F.cross_entropy(logits, labels).item(),
+            "ece": calibration_error(confidences, top[:, 0] == labels, bins)}
 
 
 def accuracy_count(logits, labels):

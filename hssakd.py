@@ -1,0 +1,380 @@
+"""Hierarchical self-supervised augmented knowledge distillation (HSAKD / HSSAKD).
+
+Papers: C. Yang, Z. An, L. Cai, Y. Xu, "Hierarchical Self-supervised Augmented Knowledge
+Distillation", IJCAI 2021, https://arxiv.org/abs/2107.13715, and its journal version "Knowledge
+Distillation Using Hierarchical Self-Supervision Augmented Distribution", IEEE TNNLS 2022,
+https://arxiv.org/abs/2109.03075. Reference code: winycg/HSAKD@28c8dc2 (spec: specs/hssakd.md).
+
+Every network gets L auxiliary classifiers after its intermediate stages (common.AuxiliaryModel).
+Each one predicts a 400-way "self-supervised augmented" label, class x rotation (4y + k), for the
+four 90-degree rotations of every image. Stage 1 trains the teacher's auxiliary classifiers with
+cross-entropy on those joint labels: by default on top of the frozen cross-entropy teacher that
+kd.py uses ("HSAKD" rows), or together with a teacher trained from scratch (`--teacher-mode joint`,
+"HSAKD*" rows). Stage 2 trains the student: CE on the upright images, plus, over all four
+rotations, a KL term between each pair of same-numbered auxiliary classifiers (the "hierarchical"
+part: the teacher's joint distributions at every depth) and one between the final classifiers.
+Compared with kd.py: the batch is 4x larger (rotations), both networks carry auxiliary branches,
+the teacher needs stage 1, the loss has L + 2 terms, and SGD uses Nesterov momentum.
+"""
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args:
+    dataset: Literal["cifar100", "cifar10"] = "cifar100"
+    """dataset to train on"""
+    data_dir: str = "data"
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    teacher: str = "resnet32x4"
+    """zoo architecture of the teacher"""
+    student: str = "resnet8x4"
+    """zoo architecture of the student (same number of auxiliary branches as the teacher)"""
+    epochs: int = 240
+    """number of student training epochs (stage 2)"""
+    batch_size: int = 64
+    """training batch size in loader images (each step runs 4x as many rotated rows)"""
+    learning_rate: Optional[float] = None
+    """initial student lr; unset means 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2"""
+    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    """0-based student epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone (both stages)"""
+    momentum: float = 0.9
+    """SGD momentum (both stages)"""
+    nesterov: bool = True
+    """Nesterov momentum (HSAKD: on, both stages)"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on all trained parameters (both stages)"""
+    seed: int = 1
+    """seed of python, numpy, torch and of the student's data order and augmentation"""
+    torch_deterministic: bool = True
+    """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    amp: bool = False
+    """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means hssakd_<teacher-mode>_<teacher>_<student>_<dataset>_seed<seed>"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
+    normalize: Literal["repdistiller", "sskd", "cifar10"] = "repdistiller"
+    """normalisation constants (specs/README.md section 3)"""
+    train_subset: Optional[int] = None
+    """train on the first N training images only (quick runs)"""
+    eval_batch_size: int = 128
+    """test-time batch size (no effect on accuracy)"""
+    tensorboard: bool = False
+    """also log to TensorBoard in the run folder (needs the tensorboard package)"""
+    track: bool = False
+    """also log to Weights & Biases (needs the wandb package)"""
+    wandb_project: str = "sskd-reference"
+    """W&B project name, with --track"""
+    # Teacher
+    teacher_path: Optional[str] = None
+    """frozen mode: the cross-entropy teacher checkpoint (any supported format); unset means
+    <checkpoint-dir>/<dataset>/<teacher>.pth, trained with baseline.py first when missing"""
+    checkpoint_dir: str = "checkpoints"
+    """where trained teachers (CE backbones and stage-1 teachers with branches) are cached"""
+    teacher_epochs: Optional[int] = None
+    """stage-1 epochs; unset means 100 (frozen) or 240 (joint)"""
+    teacher_expected_acc: Optional[float] = None
+    """expected CE teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""
+    strict_teacher_check: bool = False
+    """abort (instead of warn) when the CE teacher's top-1 differs from the expected value by > 0.5"""
+    ce_teacher_epochs: int = 240
+    """frozen mode: epochs of baseline.py training when the CE teacher has to be trained"""
+    # HSAKD (specs/hssakd.md sections 5, 6 and 12)
+    teacher_mode: Literal["frozen", "joint"] = "frozen"
+    """stage 1: train branches on the frozen CE teacher ("HSAKD"), or train teacher and branches
+    together from scratch ("HSAKD*")"""
+    teacher_aux_path: Optional[str] = None
+    """a trained teacher with auxiliary classifiers (ours or HSAKD's "net" file); skips stage 1"""
+    teacher_milestones: Tuple[int, ...] = ()
+    """stage-1 lr milestones; empty means 30,60,90 (frozen) or 150,180,210 (joint)"""
+    teacher_lr: float = 0.05
+    """stage-1 initial lr"""
+    teacher_ckpt: Literal["last", "best"] = "last"
+    """stage-1 epoch the student learns from: last, or best max-over-branches 400-way test top-1"""
+    teacher_seed: int = 1
+    """seed of stage 1 (fixed, so every student seed shares one cached teacher)"""
+    kd_T: float = 3.0
+    """softmax temperature of both KL terms"""
+    ce_weight: float = 1.0
+    """weight of the student's CE on upright images"""
+    kl_p_weight: float = 1.0
+    """weight of the final-classifier KL over all rotations (IJCAI Eq. 3)"""
+    kl_q_weight: float = 1.0
+    """weight of the summed auxiliary-branch KLs (IJCAI Eq. 4)"""
+    student_aux_ce_weight: float = 0.0
+    """ablation only: CE of the student's branches on the joint labels (not in HSAKD)"""
+    mbv2_variant: Literal["repdistiller", "hsakd"] = "repdistiller"
+    """MobileNetV2 means RepDistiller's (stride-2 stem), or HSAKD's stride-1 one (MobileNetV2_hsakd)"""
+
+
+def teacher_loss(logits, aux_logits, labels, joint_labels):
+    """Stage 1 (IJCAI Eq. 1, weights 1): CE of the final classifier on the upright rows (0::4) plus,
+    for every branch, CE on the joint labels 4y + k over all 4B rows. logits [4B, C], aux [4B, 4C]."""
+    ce = F.cross_entropy(logits[0::4], labels)
+    aux_ce = sum(F.cross_entropy(branch, joint_labels) for branch in aux_logits)
+    return {"ce": ce, "aux_ce": aux_ce, "total": ce + aux_ce}
+
+
+def distill_kl(student_logits, teacher_logits, temperature):
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, mean over rows."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher_probs = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
+
+
+def student_loss(logits, aux_logits, teacher_logits, teacher_aux_logits, labels, joint_labels, args):
+    """Stage 2 (IJCAI Eqs. 2-5): CE on the upright rows + kl_q (sum over branches of the 400-way KL)
+    + kl_p (the final classifiers' KL), both KLs over all 4B rows. Returns every term and the total."""
+    terms = {"ce": F.cross_entropy(logits[0::4], labels)}  # logits [4B, C], upright rows 0::4
+    branch_kls = [distill_kl(s, t, args.kd_T) for s, t in zip(aux_logits, teacher_aux_logits)]  # [4B, 4C]
+    terms.update({f"kl_q_{l}": kl for l, kl in enumerate(branch_kls, 1)})
+    terms["kl_q"] = sum(branch_kls)
+    terms["kl_p"] = distill_kl(logits, teacher_logits, args.kd_T)
+    total = args.ce_weight * terms["ce"] + args.kl_q_weight * terms["kl_q"] + args.kl_p_weight * terms["kl_p"]
+    if args.student_aux_ce_weight:
+        terms["aux_ce"] = sum(F.cross_entropy(branch, joint_labels) for branch in aux_logits)
+        total = total + args.student_aux_ce_weight * terms["aux_ce"]
+    terms["total"] = total
+    return terms
+
+
+@torch.no_grad()
+def branch_accuracy(model, data, batch_size, amp):
+    """Spec section 2 diagnostics on the rotated test set, per branch: "ss" = 400-way top-1 on the
+    joint label; "class" = 100-way top-1 after summing each class's 4 rotation logits, all 4B rows."""
+    model.eval()
+    ss_correct = class_correct = torch.zeros(model.num_branches, device=data.test_labels.device)
+    for start in range(0, len(data.test_labels), batch_size):
+        labels = data.test_labels[start:start + batch_size]
+        rotated = common.rotations(data.normalize(data.test_images[start:start + batch_size]))
+        with common.autocast(labels.device, amp):
+            aux_logits, _ = model(rotated)
+        aux_logits = torch.stack([branch.float() for branch in aux_logits])  # [L, 4B, 4C]
+        joint_labels = common.rotation_joint_labels(labels)
+        class_logits = aux_logits.view(*aux_logits.shape[:2], -1, 4).sum(3)  # [L, 4B, C]: 4c..4c+3 is class c
+        ss_correct = ss_correct + (aux_logits.argmax(2) == joint_labels).sum(1)
+        class_correct = class_correct + (class_logits.argmax(2) == labels.repeat_interleave(4)).sum(1)
+    rows = 4 * len(data.test_labels)
+    return {"ss_top1": (100.0 * ss_correct / rows).tolist(), "class_top1": (100.0 * class_correct / rows).tolist()}
+
+
+def resolve_arch(name, args):
+    return "MobileNetV2_hsakd" if name == "MobileNetV2" and args.mbv2_variant == "hsakd" else name
+
+
+def check_pair(teacher_arch, student_arch):
+    """Branch l of the student mimics branch l of the teacher, so both need the same L (spec 4)."""
+    for arch in (teacher_arch, student_arch):
+        if not common.auxiliary_supported(arch):
+            supported = [name for name in common.MODEL_NAMES if common.auxiliary_supported(name)]
+            raise common.ConfigError(f"{arch} has no auxiliary classifiers; choose one of: {', '.join(supported)}")
+    teacher_branches, student_branches = map(common.auxiliary_branch_count, (teacher_arch, student_arch))
+    if teacher_branches != student_branches:
+        raise common.ConfigError(
+            f"{teacher_arch} has {teacher_branches} auxiliary classifiers but {student_arch} has {student_branches}; "
+            f"HSAKD distils branch l into branch l, so pick a pair with the same number: 3 for CIFAR ResNets, WRNs, "
+            f"ShuffleV1, ShuffleV2; 4 for VGGs, MobileNetV2, ResNet50")
+
+
+def stage1_recipe(args):
+    """(epochs, milestones) of stage 1: train_teacher_freezed.sh or train_teacher_cifar.sh."""
+    frozen = args.teacher_mode == "frozen"
+    epochs = args.teacher_epochs if args.teacher_epochs is not None else (100 if frozen else 240)
+    return epochs, args.teacher_milestones or ((30, 60, 90) if frozen else (150, 180, 210))
+
+
+# Everything stage 1's result depends on besides the CE teacher file; the cache name carries a digest.
+STAGE1_RECIPE = ("teacher_mode", "dataset", "normalize", "train_subset", "batch_size", "teacher_lr", "lr_gamma",
+                 "momentum", "nesterov", "weight_decay", "teacher_seed", "amp")
+
+
+def stage1_cache_path(args, teacher_arch, ce_file):
+    """checkpoints/<dataset>/<CE teacher file stem, or arch>_aux_<mode>_e<epochs>_<digest>.pth. The
+    digest covers the CE teacher's bytes (frozen mode) and STAGE1_RECIPE, so a changed teacher or
+    recipe never reuses a stale stage 1, while the student's --seed stays out: seeds share a teacher."""
+    epochs, milestones = stage1_recipe(args)
+    recipe = {name: getattr(args, name) for name in STAGE1_RECIPE} | {"arch": teacher_arch, "milestones": milestones}
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode())
+    if ce_file:
+        digest.update(Path(ce_file).read_bytes())
+    base = Path(ce_file).stem if ce_file else teacher_arch + (f"_n{args.train_subset}" if args.train_subset else "")
+    return Path(args.checkpoint_dir) / args.dataset / f"{base}_aux_{args.teacher_mode}_e{epochs}_{digest.hexdigest()[:8]}.pth"
+
+
+def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_path):
+    """Stage 1: CE on joint labels for the teacher's branches (frozen: on the CE teacher, whose
+    backbone stays in eval mode with detached stage outputs; joint: everything from scratch).
+    Runs in runs/teacher_<cache name>_<dataset>, resuming there after an interruption."""
+    frozen = args.teacher_mode == "frozen"
+    epochs, milestones = stage1_recipe(args)
+    print(f"stage 1: training the {args.teacher_mode} teacher's auxiliary classifiers for {epochs} epochs "
+          f"-> {cache_path}", flush=True)
+    common.seed_everything(args.teacher_seed, args.torch_deterministic)
+    backbone = ce_teacher if frozen else common.build_model(teacher_arch, data.num_classes)
+    model = common.prepare_model(common.AuxiliaryModel(backbone, 4 * data.num_classes), device, args.amp)
+    model.backbone.requires_grad_(not frozen)
+    optimizer = common.make_sgd([p for p in model.parameters() if p.requires_grad], args.teacher_lr, args)
+    run_dir = Path(args.output_dir) / f"teacher_{cache_path.stem}_{args.dataset}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start_epoch, best, _ = common.resume_state(run_dir, model, optimizer, resume=True)
+    best_ss = best.get("ss_top1", -1.0)
+    logger = common.Logger(run_dir, args, start_epoch)
+    for epoch in range(start_epoch, epochs):
+        lr = common.lr_at_epoch(epoch, args.teacher_lr, milestones, args.lr_gamma)
+        common.set_lr(optimizer, lr)
+        model.train()
+        if frozen:
+            model.backbone.eval()  # the CE teacher's BN statistics stay as they are
+        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
+        for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.teacher_seed, epoch)):
+            rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)
+            with common.autocast(device, args.amp):
+                aux_logits, logits = model(rotated, detach_stages=frozen)
+            losses = teacher_loss(logits.float(), [branch.float() for branch in aux_logits], labels, joint_labels)
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            for name, value in losses.items():
+                meter.add(f"loss/{name}", value, len(labels))
+            meter.add_sum("train/top1", 100.0 * common.accuracy_count(logits[0::4], labels), len(labels))
+            images_seen += len(labels)
+        metrics = meter.averages()
+        common.check_finite(metrics, epoch, run_dir)
+        images_per_s = images_seen / (time.time() - epoch_start)
+        result = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
+        branches = branch_accuracy(model, data, args.eval_batch_size, args.amp)
+        if max(branches["ss_top1"]) > best_ss:  # HSAKD keeps <arch>_best.pth by the best branch
+            best_ss, best = max(branches["ss_top1"]), {**result, "epoch": epoch, "ss_top1": max(branches["ss_top1"])}
+            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],  # best: of best.pth
+                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics.update({f"test/ss_top1_{l}": acc for l, acc in enumerate(branches["ss_top1"], 1)})
+        logger.log(epoch, metrics)
+        common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args))
+        common.print_epoch(epoch, epochs, metrics, (time.time() - epoch_start) * (epochs - epoch - 1))
+    for source, target in (("best.pth", cache_path.with_name(cache_path.stem + "_best.pth")), ("last.pth", cache_path)):
+        checkpoint = torch.load(run_dir / source, map_location="cpu", weights_only=False)  # last: written last
+        common.save_checkpoint(target, {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
+                               | {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None})
+
+
+def prepare_teacher(args, data, device, teacher_arch):
+    """The stage-1 teacher (trained and cached when missing), frozen in eval mode.
+    Returns (model, file, the mode it was trained in)."""
+    if args.teacher_aux_path:
+        path = Path(args.teacher_aux_path)
+    else:
+        ce_teacher = ce_file = None
+        if args.teacher_mode == "frozen":  # kd.py's teacher: --teacher-path, else cached, else baseline.py first
+            ce_args = dataclasses.replace(args, teacher=teacher_arch, teacher_epochs=args.ce_teacher_epochs)
+            ce_teacher = common.load_teacher(ce_args, data, device)[0]
+            ce_file = Path(args.teacher_path) if args.teacher_path else common.teacher_cache_path(ce_args)
+        cache_path = stage1_cache_path(args, teacher_arch, ce_file)
+        if not cache_path.exists():
+            train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_path)
+        path = cache_path if args.teacher_ckpt == "last" else cache_path.with_name(cache_path.stem + "_best.pth")
+    if not path.is_file():
+        raise common.ConfigError(f"teacher checkpoint {path} does not exist")
+    with torch.random.fork_rng(devices=[]):  # building a model to overwrite must not shift the seed's stream
+        teacher = common.build_auxiliary_model(teacher_arch, data.num_classes)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    common.load_weights(teacher, checkpoint, str(path))
+    mode = checkpoint.get("teacher_mode", "unknown (--teacher-aux-path)" if args.teacher_aux_path else args.teacher_mode)
+    return common.prepare_model(teacher, device, args.amp).eval().requires_grad_(False), path, mode
+
+
+if __name__ == "__main__":
+    args = common.parse_args(Args)
+    common.print_config(args, "hssakd")
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = common.get_device(args.device)
+    data = common.load_data(args, device)
+    run_dir = common.prepare_run_dir(
+        args, f"hssakd_{args.teacher_mode}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}")
+
+    # --- METHOD: stage 1, a teacher with trained auxiliary classifiers; a student with fresh ones ---
+    teacher_arch, student_arch = resolve_arch(args.teacher, args), resolve_arch(args.student, args)
+    check_pair(teacher_arch, student_arch)
+    teacher, teacher_file, teacher_mode = prepare_teacher(args, data, device, teacher_arch)
+    teacher_result = common.evaluate(teacher.backbone, data, args.eval_batch_size, args.amp)
+    teacher_branches = branch_accuracy(teacher, data, args.eval_batch_size, args.amp)
+    print(f"teacher {teacher.arch} ({teacher_mode}) from {teacher_file}: test top1 {teacher_result['top1']:.2f} "
+          f"top5 {teacher_result['top5']:.2f}; branch 400-way top1 "
+          + " ".join(f"{acc:.2f}" for acc in teacher_branches["ss_top1"]), flush=True)
+    common.seed_everything(args.seed, args.torch_deterministic)  # the student must not depend on stage 1 having run
+    student = common.prepare_model(common.build_auxiliary_model(student_arch, data.num_classes), device, args.amp)
+    # --- END METHOD ---
+    # The lr rule names RepDistiller's models; MobileNetV2_hsakd follows MobileNetV2's 0.01.
+    base_lr = common.default_lr(args.student.removesuffix("_hsakd"), args.learning_rate)
+    optimizer = common.make_sgd(student.parameters(), base_lr, args)  # backbone and branches; not the teacher
+    start_epoch, best, checkpoint = common.resume_state(run_dir, student.backbone, optimizer, args.resume)
+    if checkpoint:
+        student.auxiliary_classifier.load_state_dict(checkpoint["auxiliary_classifier"])
+    logger = common.Logger(run_dir, args, start_epoch)
+
+    for epoch in range(start_epoch, args.epochs):
+        lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
+        common.set_lr(optimizer, lr)
+        student.train()
+        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
+        for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+            # --- METHOD: 4 rotations after crop+flip (row 4i+k), KL of every branch and of the final classifier ---
+            rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)  # [4B, 3, 32, 32], [4B]
+            with common.autocast(device, args.amp):
+                student_aux, student_logits = student(rotated)
+                with torch.no_grad():
+                    teacher_aux, teacher_logits = teacher(rotated, detach_stages=True)
+            losses = student_loss(student_logits.float(), [branch.float() for branch in student_aux],
+                                  teacher_logits.float(), [branch.float() for branch in teacher_aux],
+                                  labels, joint_labels, args)
+            loss, loss_ce, upright_logits = losses.pop("total"), losses.pop("ce"), student_logits[0::4]
+            for name, value in losses.items():
+                meter.add(f"loss/{name}", value, len(labels))
+            meter.add("loss/total", loss, len(labels))
+            # --- END METHOD ---
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            meter.add("loss/ce", loss_ce, len(labels))
+            meter.add_sum("train/top1", 100.0 * common.accuracy_count(upright_logits, labels), len(labels))
+            images_seen += len(labels)  # loader images, not the 4x rotated rows
+
+        metrics = meter.averages()
+        common.check_finite(metrics, epoch, run_dir)
+        images_per_s = images_seen / (time.time() - epoch_start)
+        result = common.evaluate(student.backbone, data, args.eval_batch_size, args.amp)  # branches unused
+        if result["top1"] > best["top1"]:
+            best = {**result, "epoch": epoch}
+            common.save_checkpoint(run_dir / "best.pth", common.model_payload(student.backbone, epoch + 1, result, args))
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
+                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        logger.log(epoch, metrics)
+        common.save_checkpoint(run_dir / "last.pth", common.training_state(
+            student.backbone, optimizer, epoch + 1, best, args,
+            auxiliary_classifier=student.auxiliary_classifier.state_dict()))
+        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+
+    last = common.evaluate(student.backbone, data, args.eval_batch_size, args.amp)
+    student_branches = branch_accuracy(student, data, args.eval_batch_size, args.amp)
+    common.write_summary(run_dir, args, best, last, teacher_top1=teacher_result["top1"],
+                         teacher_mode=teacher_mode,
+                         teacher_file=str(teacher_file), teacher_arch=teacher.arch, student_arch=student_arch,
+                         teacher_ss_top1=teacher_branches["ss_top1"], teacher_class_top1=teacher_branches["class_top1"],
+                         student_ss_top1=student_branches["ss_top1"], student_class_top1=student_branches["class_top1"])

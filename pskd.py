@@ -1,0 +1,218 @@
+"""Progressive Self-Knowledge Distillation (PS-KD) on CIFAR, with the official recipe.
+
+Paper: K. Kim, B. Ji, D. Yoon, S. Hwang, "Self-Knowledge Distillation with Progressive Refinement of
+Targets", ICCV 2021, https://arxiv.org/abs/2006.12000. Reference code: lgcnsai/PS-KD-Pytorch@9aa0828
+`main.py`, `loss/pskd_loss.py` (spec: specs/pskd.md).
+
+There is no teacher network: the model is its own teacher, one epoch in the past. A buffer keeps,
+for every training image (addressed by its dataset index), the softmax the model gave it during the
+previous epoch. The target of an image is a mix of its one-hot label and that past prediction,
+(1 - alpha_e) * onehot(y) + alpha_e * P[i], with alpha_e growing linearly from ~0 to alpha_T = 0.8
+over training, and the loss is the cross-entropy with that soft target. Targets are built before
+the forward pass; the buffer rows of the batch are overwritten after the optimizer step. Epoch-0
+targets are exactly one-hot. Compared with kd.py: no teacher, one model (`--model`, default PS-KD's
+PreActResNet18), the buffer (saved in last.pth so `--resume` is exact), soft-target CE instead of
+CE + KL, PS-KD's recipe (300 epochs, batch 128, lr 0.1 Nesterov, x0.1 at 150 and 225), CIFAR-10
+normalisation constants, and test NLL and ECE logged beside the accuracy.
+"""
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args:
+    dataset: Literal["cifar100", "cifar10"] = "cifar100"
+    """dataset to train on"""
+    data_dir: str = "data"
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    model: str = "PreActResNet18"
+    """zoo architecture to train; resnet18/ResNet18 (PS-KD's name) mean PreActResNet18"""
+    epochs: int = 300
+    """number of training epochs (also the E of the alpha ramp)"""
+    batch_size: int = 128
+    """training batch size"""
+    learning_rate: float = 0.1
+    """initial lr, for every architecture: PS-KD has no MobileNetV2/ShuffleNet rule [INTERP]"""
+    lr_milestones: Tuple[int, ...] = (150, 225)
+    """0-based epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = True
+    """Nesterov momentum (PS-KD: on)"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on all parameters"""
+    seed: int = 1
+    """seed of python, numpy, torch and of the data order and augmentation"""
+    torch_deterministic: bool = True
+    """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    amp: bool = False
+    """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means pskd_<model>_<dataset>_seed<seed> (pskd-off_... with --pskd false)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
+    normalize: Literal["repdistiller", "sskd", "cifar10"] = "cifar10"
+    """normalisation constants (specs/README.md section 3); PS-KD uses the CIFAR-10 ones also on CIFAR-100"""
+    train_subset: Optional[int] = None
+    """train on the first N training images only (quick runs)"""
+    eval_batch_size: int = 128
+    """test-time batch size (no effect on accuracy)"""
+    tensorboard: bool = False
+    """also log to TensorBoard in the run folder (needs the tensorboard package)"""
+    track: bool = False
+    """also log to Weights & Biases (needs the wandb package)"""
+    wandb_project: str = "sskd-reference"
+    """W&B project name, with --track"""
+    # PS-KD (specs/pskd.md section 8)
+    pskd: bool = True
+    """PS-KD soft targets; false trains with plain cross-entropy and the same recipe (the baseline)"""
+    alpha_T: float = 0.8
+    """alpha at the last epoch; alpha_e = alpha_T * (e + 1) / epochs"""
+    buffer_device: Literal["cuda", "cpu"] = "cuda"
+    """where the prediction buffer lives: cuda = the training device (the CPU for CPU runs), cpu =
+    host memory as in the official code; numerically identical [INTERP]"""
+    log_calibration: bool = True
+    """also log test NLL and 10-bin expected calibration error (no effect on training) [INTERP]"""
+
+
+# PS-KD's name for the network (`--classifier_type ResNet18`) and its lower-case form. The zoo keeps
+# the unambiguous PreActResNet18: mdistiller's "ResNet18" is a different (post-activation) network.
+MODEL_ALIASES = {"resnet18": "PreActResNet18", "ResNet18": "PreActResNet18"}
+
+
+def pskd_alpha(epoch, epochs, alpha_T):
+    """alpha_e = alpha_T * (e + 1) / E for the 0-based epoch e, the same for every batch of the epoch
+    (official main.py; its clamp at 0 never binds)."""
+    return max(0.0, alpha_T * (epoch + 1) / epochs)
+
+
+def progressive_targets(labels, past_predictions, alpha):
+    """PS-KD soft targets (1 - alpha) * onehot(y) + alpha * P: [B], [B, C] -> [B, C].
+
+    Written as onehot + alpha * (P - onehot), the same value, so that P = onehot gives exactly the
+    one-hot target in floating point too (the epoch-0 rule)."""
+    one_hot = F.one_hot(labels, past_predictions.shape[1]).to(past_predictions.dtype)
+    return one_hot + alpha * (past_predictions - one_hot)
+
+
+def soft_cross_entropy(logits, targets):
+    """Cross-entropy with soft targets at T = 1: sum over classes, mean over the batch
+    (loss/pskd_loss.py). No KL, no T^2, no extra hard-label term: the label is inside the target."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def read_targets(predictions, sample_ids, labels, alpha, first_epoch):
+    """The batch's targets from its buffer rows, addressed by dataset index (not batch position).
+    In the first epoch the rows are first set to the one-hot labels, as the official code does, so
+    every epoch-0 target is exactly one-hot. predictions [N_train, C] -> targets [B, C] float32."""
+    rows = sample_ids.to(predictions.device)
+    if first_epoch:
+        predictions[rows] = F.one_hot(labels, predictions.shape[1]).to(predictions.device, predictions.dtype)
+    return progressive_targets(labels, predictions[rows].to(labels.device, torch.float32), alpha)
+
+
+def record_predictions(predictions, sample_ids, logits):
+    """Overwrite the batch's buffer rows with its detached softmax (T = 1): next epoch's past predictions."""
+    probabilities = F.softmax(logits.detach().float(), dim=1)
+    predictions[sample_ids.to(predictions.device)] = probabilities.to(predictions.device, predictions.dtype)
+
+
+def restore_predictions(predictions, checkpoint, path):
+    """Load the buffer saved in last.pth, so that a resumed run uses the same targets."""
+    saved = checkpoint.get("predictions")
+    if saved is None or saved.shape != predictions.shape:
+        found = "no prediction buffer" if saved is None else f"a buffer of shape {tuple(saved.shape)}"
+        raise common.ConfigError(f"{path} holds {found}, but this run needs {tuple(predictions.shape)}: "
+                                 f"resume with the flags of the interrupted run (--pskd, --train-subset, --dataset)")
+    predictions.copy_(saved)
+
+
+if __name__ == "__main__":
+    args = common.parse_args(Args)
+    args.model = MODEL_ALIASES.get(args.model, args.model)
+    common.print_config(args, "pskd")
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = common.get_device(args.device)
+    data = common.load_data(args, device)
+    method_name = "pskd" if args.pskd else "pskd-off"
+    run_dir = common.prepare_run_dir(args, f"{method_name}_{args.model}_{args.dataset}_seed{args.seed}")
+
+    model = common.prepare_model(common.build_model(args.model, data.num_classes), device, args.amp)
+    optimizer = common.make_sgd(model.parameters(), args.learning_rate, args)
+    start_epoch, best, checkpoint = common.resume_state(run_dir, model, optimizer, args.resume)
+    # --- METHOD: the prediction buffer P [N_train, C], zeros at the start; saved in last.pth ---
+    predictions = None
+    if args.pskd:
+        buffer_device = torch.device("cpu") if args.buffer_device == "cpu" else device
+        predictions = torch.zeros(len(data.train_labels), data.num_classes, device=buffer_device)
+        if checkpoint is not None:
+            restore_predictions(predictions, checkpoint, run_dir / "last.pth")
+    evaluate = common.evaluate_calibrated if args.log_calibration else common.evaluate
+    # --- END METHOD ---
+    logger = common.Logger(run_dir, args, start_epoch)
+
+    for epoch in range(start_epoch, args.epochs):
+        lr = common.lr_at_epoch(epoch, args.learning_rate, args.lr_milestones, args.lr_gamma)
+        common.set_lr(optimizer, lr)
+        alpha = pskd_alpha(epoch, args.epochs, args.alpha_T)  # PS-KD: one alpha for every batch of the epoch
+        model.train()
+        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
+        for images, labels, sample_ids in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+            # --- METHOD: PS-KD, targets from last epoch's predictions, built before the forward pass ---
+            if args.pskd:
+                targets = read_targets(predictions, sample_ids, labels, alpha, first_epoch=epoch == 0)
+            with common.autocast(device, args.amp):
+                logits = model(images).float()
+            loss_ce = F.cross_entropy(logits, labels)  # the optimised loss only with --pskd false
+            loss = soft_cross_entropy(logits, targets) if args.pskd else loss_ce
+            if args.pskd:
+                meter.add("loss/pskd", loss, len(labels))
+            meter.add("loss/total", loss, len(labels))
+            # --- END METHOD ---
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # --- METHOD: after the step, this iteration's predictions (pre-update weights, train mode,
+            # this epoch's augmentation) become the sample's row: the official code's timing ---
+            if args.pskd:
+                record_predictions(predictions, sample_ids, logits)
+            # --- END METHOD ---
+            meter.add("loss/ce", loss_ce, len(labels))
+            meter.add_sum("train/top1", 100.0 * common.accuracy_count(logits, labels), len(labels))
+            images_seen += len(labels)
+
+        metrics = meter.averages()
+        common.check_finite(metrics, epoch, run_dir)
+        images_per_s = images_seen / (time.time() - epoch_start)
+        result = evaluate(model, data, args.eval_batch_size, args.amp)
+        if result["top1"] > best["top1"]:
+            best = {**result, "epoch": epoch}
+            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
+                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        # --- METHOD: the alpha of the epoch and the calibration metrics the paper reports ---
+        metrics.update({f"test/{name}": result[name] for name in ("nll", "ece") if name in result})
+        if args.pskd:
+            metrics["pskd/alpha"] = alpha
+        # --- END METHOD ---
+        logger.log(epoch, metrics)
+        common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args,
+                                                                           predictions=predictions))
+        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+
+    last = evaluate(model, data, args.eval_batch_size, args.amp)
+    calibration = {f"last_{name}": last[name] for name in ("nll", "ece") if name in last}
+    calibration.update({f"best_epoch_{name}": best[name] for name in ("nll", "ece") if name in best})
+    common.write_summary(run_dir, args, best, last, **calibration)

@@ -1,0 +1,79 @@
+"""Images/s of the method scripts against kd.py, side by side, as a user runs them.
+
+Each configuration is a real run of the script (`python <method>.py ...`) on the first N training
+images for 2 epochs; the second epoch's `speed/images_per_s` from metrics.jsonl is taken (loader
+images per second of training steps, evaluation excluded; the first epoch carries one-off costs).
+A teacher is trained once for 1 epoch (kd.py does it and caches it) and every method's own teacher
+stage (SSKD head, HSAKD auxiliary branches) runs for 1 epoch and is cached before timing starts.
+The scripts take turns for several rounds so that machine noise hits all of them alike; the median
+per script is printed, with its ratio to kd.py and the time per loader batch relative to kd.py.
+
+  python benchmarks/speed_methods.py --data-dir /tmp/cifar10 --dataset cifar10 --methods kd sskd hssakd
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Flags that shorten each method's own teacher stage to 1 epoch (it is cached after the first run).
+STAGE_FLAGS = {
+    "kd": [],
+    "sskd": ["--t-epochs", "1"],
+    "hssakd": ["--teacher-aux-epochs", "1"],
+}
+
+
+def run(method, args, work, run_name):
+    command = [sys.executable, str(REPO / f"{method}.py"), "--dataset", args.dataset, "--data-dir", args.data_dir,
+               "--teacher", args.teacher, "--student", args.student, "--teacher-epochs", "1",
+               "--train-subset", str(args.train_subset), "--epochs", "2", "--run-name", run_name,
+               "--output-dir", str(work / "runs"), "--checkpoint-dir", str(work / "checkpoints"),
+               *STAGE_FLAGS[method], *(["--amp"] if args.amp else [])]
+    done = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{method}.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    lines = (work / "runs" / run_name / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["speed/images_per_s"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10"])
+    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--student", default="resnet20")
+    parser.add_argument("--methods", nargs="+", default=["kd", "sskd", "hssakd"], choices=sorted(STAGE_FLAGS))
+    parser.add_argument("--train-subset", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--amp", action="store_true")
+    args = parser.parse_args()
+    args.data_dir = str(Path(args.data_dir).resolve())
+    methods = ["kd"] + [m for m in args.methods if m != "kd"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for method in methods:  # warm-up run: trains and caches the teacher and each method's teacher stage
+            run(method, args, work, f"warmup_{method}")
+        speeds = {method: [] for method in methods}
+        for round_index in range(args.rounds):
+            for method in methods:
+                speeds[method].append(run(method, args, work, f"{method}_round{round_index}"))
+                print(f"round {round_index}: {method:8s} {speeds[method][-1]:8.1f} images/s", flush=True)
+
+    kd_speed = statistics.median(speeds["kd"])
+    print(f"\n{args.teacher} -> {args.student}, {args.dataset}, {args.train_subset} images, "
+          f"{'amp' if args.amp else 'fp32'}, median of {args.rounds} rounds")
+    print("| script | loader images/s | vs kd.py | time per loader batch vs kd.py |")
+    print("|---|---|---|---|")
+    for method in methods:
+        speed = statistics.median(speeds[method])
+        print(f"| {method}.py | {speed:.0f} | {speed / kd_speed:.2f}x | {kd_speed / speed:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -815,7 +815,6 @@ _ZOO = {
     "ShuffleV1": ShuffleV1,
     "ShuffleV2": ShuffleV2,
     # Extra backbones (zoo.md section 4), after the RepDistiller names
-    **{name: (lambda num_classes, name=name: build_css_resnet(name, num_classes)) for name in CSS_RESNETS},
     "MobileNetV2_hsakd": MobileNetV2HSAKD,
     "PreActResNet18": PreActResNet18,
 }
@@ -825,6 +824,8 @@ MODEL_NAMES = tuple(_ZOO)
 def build_model(name: str, num_classes: int) -> nn.Module:
     """Build a zoo backbone by its RepDistiller name; `arch` and `num_classes` are recorded on the model
     because checkpoints store them."""
+    if name in CSS_RESNETS:  # not single-logit networks: forward(x, branch_masks) -> [N, C * branches, branches]
+        raise ConfigError(f"{name} is a CSS multi-branch network; only css.py trains it (--model-t/--model-s)")
     if name not in _ZOO:
         raise ConfigError(f"unknown architecture {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     model = _ZOO[name](num_classes=num_classes)
@@ -1048,7 +1049,7 @@ def auxiliary_branch_count(name):
 # =================================================================================================
 
 # RepDistiller forces lr 0.01 for these students (specs/README.md section 7).
-SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+SMALL_LR_MODELS = ("MobileNetV2", "MobileNetV2_hsakd", "ShuffleV1", "ShuffleV2")
 
 
 def default_lr(arch, learning_rate=None, base_lr=0.05, small_lr=0.01):
@@ -1442,7 +1443,7 @@ EXPECTED_TEACHER_TOP1 = {"wrn_40_2": 75.61, "resnet56": 72.34, "resnet110": 74.3
 def teacher_cache_path(args):
     """checkpoints/<dataset>/<arch>.pth for the full recipe; a suffix marks reduced runs so a quick
     test teacher is never mistaken for a real one."""
-    suffix = (f"_e{args.teacher_epochs}" if args.teacher_epochs != 240 else "") + \
+    suffix = (f"_e{args.ce_teacher_epochs}" if args.ce_teacher_epochs != 240 else "") + \
              (f"_n{args.train_subset}" if args.train_subset else "")
     return Path(args.checkpoint_dir) / args.dataset / f"{args.teacher}{suffix}.pth"
 
@@ -1452,14 +1453,14 @@ def train_teacher(args, cache_path):
     keep its last-epoch weights, as RepDistiller's ckpt_epoch_240.pth teachers are."""
     run_name = "teacher_" + cache_path.stem + f"_{args.dataset}"
     command = [sys.executable, str(REPO_DIR / "baseline.py"), "--model", args.teacher,
-               "--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(args.teacher_epochs),
+               "--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(args.ce_teacher_epochs),
                "--amp", str(args.amp), "--output-dir", args.output_dir, "--run-name", run_name, "--resume"]
     if args.train_subset:
         command += ["--train-subset", str(args.train_subset)]
     if args.device:
         command += ["--device", args.device]
     print(f"no teacher checkpoint at {cache_path}: training one with baseline.py "
-          f"({args.teacher_epochs} epochs; interruptible, resumes where it stopped)\n  {' '.join(command)}",
+          f"({args.ce_teacher_epochs} epochs; interruptible, resumes where it stopped)\n  {' '.join(command)}",
           flush=True)
     if subprocess.run(command).returncode != 0:
         raise ConfigError("training the teacher failed (see above); fix it and rerun, it resumes")

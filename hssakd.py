@@ -283,7 +283,7 @@ def prepare_teacher(args, data, device, teacher_arch):
     else:
         ce_teacher = ce_file = None
         if args.teacher_mode == "frozen":  # kd.py's teacher: --teacher-path, else cached, else baseline.py first
-            ce_args = dataclasses.replace(args, teacher=teacher_arch, teacher_epochs=args.ce_teacher_epochs)
+            ce_args = dataclasses.replace(args, teacher=teacher_arch)
             ce_teacher = common.load_teacher(ce_args, data, device)[0]
             ce_file = Path(args.teacher_path) if args.teacher_path else common.teacher_cache_path(ce_args)
         cache_path = stage1_cache_path(args, teacher_arch, ce_file)
@@ -321,8 +321,7 @@ if __name__ == "__main__":
     common.seed_everything(args.seed, args.torch_deterministic)  # the student must not depend on stage 1 having run
     student = common.prepare_model(common.build_auxiliary_model(student_arch, data.num_classes), device, args.amp)
     # --- END METHOD ---
-    # The lr rule names RepDistiller's models; MobileNetV2_hsakd follows MobileNetV2's 0.01.
-    base_lr = common.default_lr(args.student.removesuffix("_hsakd"), args.learning_rate)
+    base_lr = common.default_lr(student_arch, args.learning_rate)
     optimizer = common.make_sgd(student.parameters(), base_lr, args)  # backbone and branches; not the teacher
     start_epoch, best, checkpoint = common.resume_state(run_dir, student.backbone, optimizer, args.resume)
     if checkpoint:

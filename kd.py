@@ -79,7 +79,7 @@ class Args:
     <checkpoint-dir>/<dataset>/<teacher>.pth, trained with baseline.py first when missing"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers are cached"""
-    teacher_epochs: int = 240
+    ce_teacher_epochs: int = 240
     """epochs of baseline.py training when the teacher has to be trained"""
     teacher_expected_acc: Optional[float] = None
     """expected teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""

@@ -16,7 +16,6 @@ which the teacher errs worst are dropped ("selective transfer"). Compared with k
 four-copy data pipeline, the two projection heads, the teacher-head stage and `sskd_loss`.
 """
 import hashlib
-import inspect
 import json
 import math
 import time
@@ -89,7 +88,7 @@ class Args:
     <checkpoint-dir>/<dataset>/<teacher>.pth, trained with baseline.py first when missing"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher heads are cached"""
-    teacher_epochs: int = 240
+    ce_teacher_epochs: int = 240
     """epochs of baseline.py training when the teacher has to be trained"""
     teacher_expected_acc: Optional[float] = None
     """expected teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""
@@ -100,7 +99,7 @@ class Args:
     """trained teacher head (ours, or SSKD's ckpt/teacher.pth) to skip stage 2; unset means the
     head cached beside the teacher, trained first when missing [INTERP]"""
     t_epochs: int = 60
-    """epochs of teacher-head training (stage 2; --teacher-epochs is the CE teacher's, stage 1)"""
+    """epochs of teacher-head training (stage 2; --ce-teacher-epochs is the CE teacher's, stage 1)"""
     t_lr: float = 0.05
     """lr of the teacher head; the teacher backbone is not trained"""
     t_milestones: Tuple[int, ...] = (30, 45)
@@ -368,12 +367,9 @@ def check_args(args):
         raise common.ConfigError("--kd-T, --tf-T, --ss-T and --head-T must be positive")
     if args.t_epochs < 1 and not args.teacher_head_path:
         raise common.ConfigError("--t-epochs must be at least 1 (or pass a trained --teacher-head-path)")
-    for role, name in (("teacher", args.teacher), ("student", args.student)):  # before any training starts
-        with torch.random.fork_rng(devices=[]):
-            model = common.build_model(name, common.DATASETS[args.dataset]["num_classes"])
-        if "is_feat" not in inspect.signature(model.forward).parameters:
-            raise common.ConfigError(f"--{role} {name} has no single pooled feature (forward(x, is_feat=True)) for "
-                                     f"SSKD's projection head; use one of the RepDistiller backbones")
+    for name in (args.teacher, args.student):  # unknown names fail before any training starts
+        if name not in common.MODEL_NAMES:
+            common.build_model(name, 1)
 
 
 if __name__ == "__main__":

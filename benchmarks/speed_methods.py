@@ -24,13 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE_FLAGS = {
     "kd": [],
     "sskd": ["--t-epochs", "1"],
-    "hssakd": ["--teacher-aux-epochs", "1"],
+    "hssakd": ["--teacher-epochs", "1"],  # stage 1: the auxiliary classifiers
 }
 
 
 def run(method, args, work, run_name):
     command = [sys.executable, str(REPO / f"{method}.py"), "--dataset", args.dataset, "--data-dir", args.data_dir,
-               "--teacher", args.teacher, "--student", args.student, "--teacher-epochs", "1",
+               "--teacher", args.teacher, "--student", args.student, "--ce-teacher-epochs", "1",
                "--train-subset", str(args.train_subset), "--epochs", "2", "--run-name", run_name,
                "--output-dir", str(work / "runs"), "--checkpoint-dir", str(work / "checkpoints"),
                *STAGE_FLAGS[method], *(["--amp"] if args.amp else [])]

@@ -28,7 +28,7 @@ def parameter_count(modules):
 
 @pytest.mark.parametrize("name", CSS_NAMES)
 def test_css_network_state_dict_and_parameter_count_equal_the_reference(name):
-    model = common.build_model(name, 100)
+    model = common.build_css_resnet(name, 100)
     assert {key: list(t.shape) for key, t in model.state_dict().items()} == ZOO_REFERENCE[name]["state_dict"]
     assert parameter_count([model]) == ZOO_REFERENCE[name]["params"]
 
@@ -36,7 +36,7 @@ def test_css_network_state_dict_and_parameter_count_equal_the_reference(name):
 @pytest.mark.parametrize("name, trunk, branch", [("css_resnet56", 141_264, 524_588),
                                                   ("css_resnet110", 275_280, 946_988)])
 def test_css_network_shares_stem_layer1_layer2_and_owns_layer3_and_classifier_per_branch(name, trunk, branch):
-    model = common.build_model(name, 100)
+    model = common.build_css_resnet(name, 100)
     assert parameter_count([model.conv1, model.bn1, model.layer1, model.layer2]) == trunk
     for i in range(3):
         assert parameter_count([getattr(model, f"layer3_{i}"), getattr(model, f"classifier3_{i}")]) == branch
@@ -45,7 +45,7 @@ def test_css_network_shares_stem_layer1_layer2_and_owns_layer3_and_classifier_pe
 
 def test_css_network_outputs_one_column_of_joint_logits_per_branch():
     with torch.no_grad():
-        assert common.build_model("css_resnet56", 100).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 300, 3)
+        assert common.build_css_resnet("css_resnet56", 100).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 300, 3)
         two_branches = common.build_css_resnet("css_resnet56", 10, branches=2).eval()
         assert two_branches(torch.randn(2, 3, 32, 32), branch_masks("corners", 2, 16, 16)).shape == (2, 20, 2)
     with pytest.raises(common.ConfigError, match="single-branch"):
@@ -80,7 +80,7 @@ def test_literal_mask3_reproduces_the_one_column_bug_of_the_code():
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_branch_i_sees_the_layer2_output_times_mask_i_on_every_channel(train_mode):
     torch.manual_seed(0)
-    model = common.build_model("css_resnet56", 100).train(train_mode)
+    model = common.build_css_resnet("css_resnet56", 100).train(train_mode)
     masks = branch_masks("corners", 3, 16, 16)
     seen = {}
     model.layer2.register_forward_hook(lambda module, inputs, output: seen.__setitem__("shared", output))
@@ -98,7 +98,7 @@ def test_branch_i_sees_the_layer2_output_times_mask_i_on_every_channel(train_mod
 
 
 def test_masked_forward_runs_under_bf16_autocast_and_channels_last():
-    model = common.prepare_model(common.build_model("css_resnet56", 100), torch.device("cpu"), amp=True).eval()
+    model = common.prepare_model(common.build_css_resnet("css_resnet56", 100), torch.device("cpu"), amp=True).eval()
     with torch.no_grad(), common.autocast(torch.device("cpu"), True):
         images = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
         logits = model(images, branch_masks("corners", 3, 16, 16))
@@ -260,7 +260,8 @@ def test_css_run_reports_three_accuracies_and_resumes_to_the_weights_of_an_unint
     assert summary["last_top1"] == summary["net2_last_top1"] and summary["primary"] == "net2 (css_resnet56)"
     assert summary["args"]["detach_kd_target"] is True and summary["args"]["detach_ratio"] is True
     for checkpoint in ("best.pth", "best_net1.pth"):
-        common.load_model_file("css_resnet56", 100, tmp_path / "runs" / "straight" / checkpoint)
+        path = tmp_path / "runs" / "straight" / checkpoint  # RepDistiller-style {"model": ...} files
+        common.load_weights(common.build_css_resnet("css_resnet56", 100), torch.load(path, weights_only=False), str(path))
 
     a = torch.load(tmp_path / "runs" / "straight" / "last.pth", weights_only=False)
     b = torch.load(tmp_path / "runs" / "resumed" / "last.pth", weights_only=False)
@@ -280,3 +281,10 @@ def test_single_branch_zoo_network_is_refused_with_a_clear_error(tmp_path, cifar
     assert result.returncode != 0
     assert "error: 'resnet56' is not a CSS multi-branch network" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_css_networks_are_not_single_logit_zoo_models_and_say_which_script_trains_them():
+    # baseline.py/kd.py/pskd.py would feed their [N, 300, 3] output to a 100-way loss.
+    assert "css_resnet56" not in common.MODEL_NAMES
+    with pytest.raises(common.ConfigError, match="only css.py trains it"):
+        common.build_model("css_resnet56", 100)

@@ -50,7 +50,7 @@ def test_kd_gradient_reaches_only_the_student():
 
 def test_kd_trains_a_missing_teacher_caches_it_and_distils(tmp_path, cifar_dir):
     common_flags = ["--dataset", "cifar100", "--data-dir", cifar_dir, "--teacher", "resnet8", "--student", "resnet8",
-                    "--teacher-epochs", "1", "--epochs", "1", "--batch-size", "64"]
+                    "--ce-teacher-epochs", "1", "--epochs", "1", "--batch-size", "64"]
     first = run_script("kd.py", *common_flags, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "training one with baseline.py" in first.stdout

@@ -215,7 +215,7 @@ def test_teacher_head_loads_from_sskd_wrapper_checkpoints_and_rejects_wrong_size
 
 
 def test_head_cache_sits_beside_the_teacher_and_changes_with_teacher_and_recipe(tmp_path):
-    args = sskd.Args(teacher="resnet56", checkpoint_dir=str(tmp_path), teacher_epochs=1)
+    args = sskd.Args(teacher="resnet56", checkpoint_dir=str(tmp_path), ce_teacher_epochs=1)
     teacher_file = tmp_path / "teacher.pth"
     teacher_file.write_bytes(b"one")
     path = sskd.teacher_head_cache_path(args, teacher_file)
@@ -300,7 +300,7 @@ def test_head_stage_changes_only_the_head(cifar_dir, tmp_path):
 
 def test_sskd_runs_all_three_stages_reuses_the_cached_head_and_resumes_exactly(tmp_path, cifar_dir):
     flags = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--teacher", "resnet8", "--student", "resnet8",
-             "--teacher-epochs", "1", "--t-epochs", "1", "--train-subset", "96", "--batch-size", "32",
+             "--ce-teacher-epochs", "1", "--t-epochs", "1", "--train-subset", "96", "--batch-size", "32",
              "--lr-milestones", "1"]
     straight = run_script("sskd.py", *flags, "--epochs", "2", "--run-name", "straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr

@@ -1197,6 +1197,27 @@ def check_finite(metrics, epoch, run_dir):
             f"epoch is in {run_dir}; lower --learning-rate or turn off --amp, then rerun with --resume.")
 
 
+@torch.no_grad()
+def auxiliary_accuracy(model, data, batch_size, amp):
+    """HSAKD's auxiliary-branch diagnostics (hssakd.md section 2) on the rotated test set, per branch
+    of an AuxiliaryModel: "ss" = 400-way top-1 on the joint label; "class" = 100-way top-1 after
+    summing each class's 4 rotation logits; both over all 4B rows."""
+    model.eval()
+    ss_correct = class_correct = torch.zeros(model.num_branches, device=data.test_labels.device)
+    for start in range(0, len(data.test_labels), batch_size):
+        labels = data.test_labels[start:start + batch_size]
+        rotated = rotations(data.normalize(data.test_images[start:start + batch_size]))
+        with autocast(labels.device, amp):
+            aux_logits, _ = model(rotated)
+        aux_logits = torch.stack([branch.float() for branch in aux_logits])  # [L, 4B, 4C]
+        joint_labels = rotation_joint_labels(labels)
+        class_logits = aux_logits.view(*aux_logits.shape[:2], -1, 4).sum(3)  # [L, 4B, C]: 4c..4c+3 is class c
+        ss_correct = ss_correct + (aux_logits.argmax(2) == joint_labels).sum(1)
+        class_correct = class_correct + (class_logits.argmax(2) == labels.repeat_interleave(4)).sum(1)
+    rows = 4 * len(data.test_labels)
+    return {"ss_top1": (100.0 * ss_correct / rows).tolist(), "class_top1": (100.0 * class_correct / rows).tolist()}
+
+
 # =================================================================================================
 # RUN BOOKKEEPING: arguments, logging, checkpoints, teachers
 # =================================================================================================

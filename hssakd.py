@@ -155,26 +155,6 @@ def student_loss(logits, aux_logits, teacher_logits, teacher_aux_logits, labels,
     return terms
 
 
-@torch.no_grad()
-def branch_accuracy(model, data, batch_size, amp):
-    """Spec section 2 diagnostics on the rotated test set, per branch: "ss" = 400-way top-1 on the
-    joint label; "class" = 100-way top-1 after summing each class's 4 rotation logits, all 4B rows."""
-    model.eval()
-    ss_correct = class_correct = torch.zeros(model.num_branches, device=data.test_labels.device)
-    for start in range(0, len(data.test_labels), batch_size):
-        labels = data.test_labels[start:start + batch_size]
-        rotated = common.rotations(data.normalize(data.test_images[start:start + batch_size]))
-        with common.autocast(labels.device, amp):
-            aux_logits, _ = model(rotated)
-        aux_logits = torch.stack([branch.float() for branch in aux_logits])  # [L, 4B, 4C]
-        joint_labels = common.rotation_joint_labels(labels)
-        class_logits = aux_logits.view(*aux_logits.shape[:2], -1, 4).sum(3)  # [L, 4B, C]: 4c..4c+3 is class c
-        ss_correct = ss_correct + (aux_logits.argmax(2) == joint_labels).sum(1)
-        class_correct = class_correct + (class_logits.argmax(2) == labels.repeat_interleave(4)).sum(1)
-    rows = 4 * len(data.test_labels)
-    return {"ss_top1": (100.0 * ss_correct / rows).tolist(), "class_top1": (100.0 * class_correct / rows).tolist()}
-
-
 def resolve_arch(name, args):
     return "MobileNetV2_hsakd" if name == "MobileNetV2" and args.mbv2_variant == "hsakd" else name
 
@@ -259,7 +239,7 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
         common.check_finite(metrics, epoch, run_dir)
         images_per_s = images_seen / (time.time() - epoch_start)
         result = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
-        branches = branch_accuracy(model, data, args.eval_batch_size, args.amp)
+        branches = common.auxiliary_accuracy(model, data, args.eval_batch_size, args.amp)
         if max(branches["ss_top1"]) > best_ss:  # HSAKD keeps <arch>_best.pth by the best branch
             best_ss, best = max(branches["ss_top1"]), {**result, "epoch": epoch, "ss_top1": max(branches["ss_top1"])}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
@@ -314,7 +294,7 @@ if __name__ == "__main__":
     check_pair(teacher_arch, student_arch)
     teacher, teacher_file, teacher_mode = prepare_teacher(args, data, device, teacher_arch)
     teacher_result = common.evaluate(teacher.backbone, data, args.eval_batch_size, args.amp)
-    teacher_branches = branch_accuracy(teacher, data, args.eval_batch_size, args.amp)
+    teacher_branches = common.auxiliary_accuracy(teacher, data, args.eval_batch_size, args.amp)
     print(f"teacher {teacher.arch} ({teacher_mode}) from {teacher_file}: test top1 {teacher_result['top1']:.2f} "
           f"top5 {teacher_result['top5']:.2f}; branch 400-way top1 "
           + " ".join(f"{acc:.2f}" for acc in teacher_branches["ss_top1"]), flush=True)
@@ -371,7 +351,7 @@ if __name__ == "__main__":
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(student.backbone, data, args.eval_batch_size, args.amp)
-    student_branches = branch_accuracy(student, data, args.eval_batch_size, args.amp)
+    student_branches = common.auxiliary_accuracy(student, data, args.eval_batch_size, args.amp)
     common.write_summary(run_dir, args, best, last, teacher_top1=teacher_result["top1"],
                          teacher_mode=teacher_mode,
                          teacher_file=str(teacher_file), teacher_arch=teacher.arch, student_arch=student_arch,

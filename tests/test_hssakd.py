@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import common
 from conftest import ZOO_REFERENCE, run_script
-from hssakd import Args, branch_accuracy, check_pair, distill_kl, stage1_cache_path, student_loss, teacher_loss
+from hssakd import Args, check_pair, distill_kl, stage1_cache_path, student_loss, teacher_loss
 
 # zoo name -> reference entry of zoo_state_dicts.json (hssakd.md section 4 table)
 AUX_REFERENCE = {
@@ -275,7 +275,7 @@ def test_branch_accuracy_counts_joint_and_summed_class_predictions():
                            normalize=lambda images: images.float())
     oracle = Oracle()
     oracle.labels = data.test_labels
-    assert branch_accuracy(oracle, data, 8, False) == {"ss_top1": [100.0], "class_top1": [100.0]}
+    assert common.auxiliary_accuracy(oracle, data, 8, False) == {"ss_top1": [100.0], "class_top1": [100.0]}
 
 
 def test_stage1_cache_name_tracks_teacher_file_and_recipe_but_not_the_student_seed(tmp_path):

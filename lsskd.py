@@ -1,0 +1,306 @@
+"""Layered Self-Supervised Knowledge Distillation (LSSKD) on CIFAR: teacher-free, on HSAKD's branches.
+
+Paper: T. Dahri, Z. A. Memon, Z. Yu, M. Y. I. Idris, S. Khan, S. Ahmad, M. Shoman, S. Aziz,
+R. Qureshi, "A Layered Self-Supervised Knowledge Distillation Framework for Efficient Multimodal
+Learning on the Edge", arXiv 2506.07055 (2025), https://arxiv.org/abs/2506.07055. No public code;
+only the abstract and secondary descriptions of the method were available, so most choices here are
+interpretations, each a flag marked [INTERP] in --help (spec: specs/lsskd.md, docs/lsskd.md).
+
+One network, no teacher. HSAKD's auxiliary classifiers (common.AuxiliaryModel) sit after the
+intermediate stages and predict the 400-way class x rotation label (4y + k) of all four rotations
+of every image, with gradients into the backbone. Every head learns from soft targets in the PS-KD
+manner: (1 - alpha_e) * onehot + alpha_e * (the same head's prediction for the same sample and
+rotation in the previous epoch), kept in per-head buffers addressed by dataset index. On top, the
+deepest auxiliary head teaches the shallower ones (KL, T = 3) and the shallow heads' pooled features
+are pulled towards the backbone's final feature (L2). Compared with kd.py: no teacher, the batch is
+4x larger (rotations), the network carries auxiliary branches, prediction buffers replace the
+teacher, the loss has four terms, and SGD uses Nesterov momentum (HSAKD's recipe).
+"""
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args:
+    dataset: Literal["cifar100", "cifar10"] = "cifar100"
+    """dataset to train on"""
+    data_dir: str = "data"
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    model: str = "resnet8x4"
+    """zoo architecture trained with auxiliary classifiers (the spec's --arch) [INTERP]"""
+    epochs: int = 240
+    """number of training epochs (also the E of the alpha ramp) [INTERP: HSAKD recipe]"""
+    batch_size: int = 64
+    """training batch size in loader images (each step runs 4x as many rotated rows) [INTERP]"""
+    learning_rate: Optional[float] = None
+    """initial lr; unset means 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2 [INTERP]"""
+    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    """0-based epochs at which the lr is multiplied by --lr-gamma [INTERP]"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone [INTERP]"""
+    momentum: float = 0.9
+    """SGD momentum [INTERP]"""
+    nesterov: bool = True
+    """Nesterov momentum (HSAKD: on) [INTERP]"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on all parameters (backbone and branches) [INTERP]"""
+    seed: int = 1
+    """seed of python, numpy, torch and of the data order and augmentation"""
+    torch_deterministic: bool = True
+    """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    amp: bool = False
+    """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name> from its last finished epoch (buffers included)"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means lsskd_<model>_<dataset>_seed<seed>"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
+    normalize: Literal["repdistiller", "sskd", "cifar10"] = "repdistiller"
+    """normalisation constants (specs/README.md section 3) [INTERP: HSAKD's]"""
+    train_subset: Optional[int] = None
+    """train on the first N training images only (quick runs)"""
+    eval_batch_size: int = 128
+    """test-time batch size (no effect on accuracy)"""
+    tensorboard: bool = False
+    """also log to TensorBoard in the run folder (needs the tensorboard package)"""
+    track: bool = False
+    """also log to Weights & Biases (needs the wandb package)"""
+    wandb_project: str = "sskd-reference"
+    """W&B project name, with --track"""
+    # LSSKD (specs/lsskd.md sections 3 and 6)
+    mbv2_variant: Literal["repdistiller", "hsakd"] = "repdistiller"
+    """MobileNetV2 means RepDistiller's (stride-2 stem), or HSAKD's stride-1 one [INTERP]"""
+    alpha_T: float = 0.8
+    """alpha of the soft targets at the last epoch (PS-KD's value) [INTERP]"""
+    alpha_schedule: Literal["linear", "constant"] = "linear"
+    """linear: alpha_e = alpha_T * (e + 1) / epochs (PS-KD); constant: alpha_e = alpha_T [INTERP]"""
+    final_soft_targets: bool = True
+    """PS-KD soft targets for the final classifier; false = hard-label CE [SECONDARY]"""
+    aux_soft_targets: bool = True
+    """PS-KD soft targets for every auxiliary head; false = hard joint-label CE [SECONDARY]"""
+    final_rows: Literal["upright", "all"] = "upright"
+    """rows the final classifier learns from: the upright images, or all 4 rotations [INTERP]"""
+    sad_tau: float = 1.0
+    """temperature of the auxiliary heads' soft-target CE and of their buffered predictions [INTERP]"""
+    kd_T: float = 3.0
+    """temperature of the deep-to-shallow KL (HSAKD's value) [INTERP]"""
+    kl_teacher: Literal["deepest", "chain"] = "deepest"
+    """deep-to-shallow KL: the deepest auxiliary head teaches every shallower one, or head l+1
+    teaches head l [INTERP]"""
+    lambda_sad: float = 1.0
+    """weight of the auxiliary heads' soft-target CE, summed over heads (0 switches the term off) [INTERP]"""
+    lambda_kl: float = 1.0
+    """weight of the deep-to-shallow KL (0 switches the term off) [INTERP]"""
+    lambda_feat: float = 1.0
+    """weight of the auxiliary-to-final feature L2 (0 switches the term off) [INTERP]"""
+    feat_detach_target: bool = True
+    """stop the feature L2's gradient into the backbone's final feature [INTERP]"""
+    feat_include_last: bool = False
+    """also align the deepest auxiliary head's feature (default: the shallower heads only) [INTERP]"""
+    buffer_dtype: Literal["fp16", "fp32"] = "fp16"
+    """dtype of the prediction buffers; fp16 rows are renormalised to sum 1 when read [INTERP]"""
+    buffer_device: Literal["cuda", "cpu"] = "cuda"
+    """where the buffers live: cuda = the training device (the CPU for CPU runs), cpu = host memory [INTERP]"""
+
+
+BUFFER_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def lsskd_alpha(epoch, epochs, alpha_T, schedule):
+    """alpha_e of the 0-based epoch e, the same for every head and every batch of the epoch."""
+    return alpha_T * (epoch + 1) / epochs if schedule == "linear" else alpha_T
+
+
+def progressive_targets(hard_labels, past_predictions, alpha):
+    """PS-KD targets (1 - alpha) * onehot + alpha * P, written as onehot + alpha * (P - onehot) so that
+    P = onehot gives exactly the one-hot target (the epoch-0 rule). [..., K] float32."""
+    one_hot = F.one_hot(hard_labels, past_predictions.shape[-1]).to(past_predictions.dtype)
+    return one_hot + alpha * (past_predictions - one_hot)
+
+
+def read_targets(buffer, sample_ids, hard_labels, alpha, first_epoch):
+    """Soft targets of a batch from its buffer rows, addressed by dataset index. buffer [N_train, *slots, K],
+    hard_labels [B, *slots] -> targets [B, *slots, K] float32. In the first epoch the rows are first set to
+    their one-hot labels, so every epoch-0 target is exactly one-hot (PS-KD's rule)."""
+    rows = sample_ids.to(buffer.device)
+    if first_epoch:
+        buffer[rows] = F.one_hot(hard_labels, buffer.shape[-1]).to(buffer.device, buffer.dtype)
+    past = buffer[rows].to(hard_labels.device, torch.float32)
+    if buffer.dtype != torch.float32:  # fp16 rounding leaves sums of 1 +- 1e-3: make them distributions again
+        past = past / past.sum(dim=-1, keepdim=True)
+    return progressive_targets(hard_labels, past, alpha)
+
+
+def record_predictions(buffer, sample_ids, logits, temperature=1.0):
+    """After the optimizer step: the batch's detached softmax(logits / T) [B, *slots, K] becomes its rows."""
+    probabilities = F.softmax(logits.detach().float() / temperature, dim=-1)
+    buffer[sample_ids.to(buffer.device)] = probabilities.to(buffer.device, buffer.dtype)
+
+
+def soft_cross_entropy(logits, targets, temperature=1.0):
+    """-sum_k target_k * log softmax(logits / T)_k, mean over rows (PS-KD's loss; T = 1 unless --sad-tau)."""
+    return -(targets * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
+
+
+def distill_kl(student_logits, teacher_logits, temperature):
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, mean over rows."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher_probs = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
+
+
+def deep_to_shallow_kl(aux_logits, temperature, teacher="deepest"):
+    """Sum over the shallower heads l = 1..L-1 of the KL from a deeper head with stop-gradient: the
+    deepest head L for every l (Be-Your-Own-Teacher), or head l+1 ("chain"). aux_logits L x [4B, 4C]."""
+    teachers = [aux_logits[-1] if teacher == "deepest" else aux_logits[l + 1] for l in range(len(aux_logits) - 1)]
+    return sum(distill_kl(shallow, deep.detach(), temperature) for shallow, deep in zip(aux_logits, teachers))
+
+
+def feature_alignment(aux_feats, final_feat, detach_target=True, include_last=False):
+    """Sum over heads of the mean squared difference between head l's pooled feature and the backbone's
+    pooled final feature, on the same 4B rows. aux_feats L x [4B, D], final_feat [4B, D]."""
+    target = final_feat.detach() if detach_target else final_feat
+    heads = aux_feats if include_last else aux_feats[:-1]
+    return sum(((feat - target) ** 2).mean() for feat in heads)
+
+
+def lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets, args):
+    """Spec section 3, per step on the 4B rotated rows (row 4b + k). logits [4B, C], aux_logits and
+    aux_targets L x [4B, 4C], final_targets [R*B, C] for the upright rows (R = 1) or all rows (R = 4).
+    Returns every term (unweighted) and the weighted total."""
+    final_logits = logits[0::4] if args.final_rows == "upright" else logits
+    terms = {"final": soft_cross_entropy(final_logits, final_targets)}
+    sad = [soft_cross_entropy(head, target, args.sad_tau) for head, target in zip(aux_logits, aux_targets)]
+    terms.update({f"sad_{l}": term for l, term in enumerate(sad, 1)})
+    terms["sad"] = sum(sad)
+    terms["kl"] = deep_to_shallow_kl(aux_logits, args.kd_T, args.kl_teacher)
+    terms["feat"] = feature_alignment(aux_feats, final_feat, args.feat_detach_target, args.feat_include_last)
+    total = terms["final"]
+    for name, weight in (("sad", args.lambda_sad), ("kl", args.lambda_kl), ("feat", args.lambda_feat)):
+        if weight:  # a switched-off term adds nothing, not even 0 * NaN
+            total = total + weight * terms[name]
+    terms["total"] = total
+    return terms
+
+
+def restore_buffer(buffer, checkpoint, key, path):
+    """Load a buffer saved in last.pth, refusing one from a run with other flags."""
+    saved = checkpoint.get(key)
+    if saved is None or saved.shape != buffer.shape or saved.dtype != buffer.dtype:
+        found = "none" if saved is None else f"{tuple(saved.shape)} {saved.dtype}"
+        raise common.ConfigError(f"{path} holds {key} {found}, but this run needs {tuple(buffer.shape)} {buffer.dtype}: "
+                                 f"resume with the flags of the interrupted run (--final-rows, --*-soft-targets, "
+                                 f"--buffer-dtype, --train-subset, --dataset, --model)")
+    buffer.copy_(saved)
+
+
+if __name__ == "__main__":
+    args = common.parse_args(Args)
+    common.print_config(args, "lsskd")
+    print("LSSKD has no public code: flags marked [INTERP] in --help are this repository's reading of the "
+          "paper (docs/lsskd.md)", flush=True)
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = common.get_device(args.device)
+    data = common.load_data(args, device)
+    run_dir = common.prepare_run_dir(args, f"lsskd_{args.model}_{args.dataset}_seed{args.seed}")
+
+    # --- METHOD: one network with HSAKD's auxiliary classifiers, and the previous-epoch prediction buffers ---
+    arch = "MobileNetV2_hsakd" if args.model == "MobileNetV2" and args.mbv2_variant == "hsakd" else args.model
+    model = common.prepare_model(common.build_auxiliary_model(arch, data.num_classes), device, args.amp)
+    num_train, num_classes, num_heads = len(data.train_labels), data.num_classes, model.num_branches
+    final_slots = 1 if args.final_rows == "upright" else 4
+    buffer_options = dict(dtype=BUFFER_DTYPES[args.buffer_dtype],
+                          device=torch.device("cpu") if args.buffer_device == "cpu" else device)
+    final_buffer = torch.zeros(num_train, final_slots, num_classes, **buffer_options) if args.final_soft_targets else None
+    aux_buffer = torch.zeros(num_train, num_heads, 4, 4 * num_classes, **buffer_options) if args.aux_soft_targets else None
+    megabytes = sum(b.numel() * b.element_size() for b in (final_buffer, aux_buffer) if b is not None) / 2 ** 20
+    print(f"{model.arch}: {num_heads} auxiliary heads; prediction buffers {megabytes:.0f} MB "
+          f"({args.buffer_dtype}, {buffer_options['device']})", flush=True)
+    # --- END METHOD ---
+    base_lr = common.default_lr(arch, args.learning_rate)
+    optimizer = common.make_sgd(model.parameters(), base_lr, args)  # backbone and branches
+    start_epoch, best, checkpoint = common.resume_state(run_dir, model.backbone, optimizer, args.resume)
+    if checkpoint:
+        model.auxiliary_classifier.load_state_dict(checkpoint["auxiliary_classifier"])
+        for key, buffer in (("final_predictions", final_buffer), ("aux_predictions", aux_buffer)):
+            if buffer is not None:
+                restore_buffer(buffer, checkpoint, key, run_dir / "last.pth")
+    logger = common.Logger(run_dir, args, start_epoch)
+
+    for epoch in range(start_epoch, args.epochs):
+        lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
+        common.set_lr(optimizer, lr)
+        alpha = lsskd_alpha(epoch, args.epochs, args.alpha_T, args.alpha_schedule)
+        model.train()
+        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
+        for images, labels, sample_ids in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+            # --- METHOD: 4 rotations after crop+flip (row 4b+k); targets from last epoch's predictions ---
+            rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)  # [4B, 3, 32, 32], [4B]
+            batch = len(labels)
+            final_labels = labels[:, None].expand(batch, final_slots)  # [B, R]: the class, for every used row
+            aux_labels = joint_labels.view(batch, 1, 4).expand(batch, num_heads, 4)  # [B, L, 4]: 4y + k per head
+            if args.final_soft_targets:
+                final_targets = read_targets(final_buffer, sample_ids, final_labels, alpha, epoch == 0)
+            else:  # hard labels: the soft CE of a one-hot target is the usual CE
+                final_targets = F.one_hot(final_labels, num_classes).float()
+            if args.aux_soft_targets:
+                aux_targets = read_targets(aux_buffer, sample_ids, aux_labels, alpha, epoch == 0)
+            else:
+                aux_targets = F.one_hot(aux_labels, 4 * num_classes).float()
+            aux_targets = list(aux_targets.transpose(0, 1).flatten(1, 2))  # L x [4B, 4C], row 4b + k
+            with common.autocast(device, args.amp):
+                feats, aux_feats, aux_logits, logits = model(rotated, is_feat=True)
+            aux_logits, aux_feats = [head.float() for head in aux_logits], [feat.float() for feat in aux_feats]
+            logits = logits.float()
+            losses = lsskd_loss(logits, aux_logits, aux_feats, feats[-1].float(),
+                                final_targets.flatten(0, 1), aux_targets, args)
+            loss, upright_logits = losses.pop("total"), logits[0::4]
+            for name, value in losses.items():
+                meter.add(f"loss/{name}", value, batch)
+            meter.add("loss/total", loss, batch)
+            # --- END METHOD ---
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # --- METHOD: after the step, this iteration's predictions (pre-update weights, train mode, this
+            # epoch's augmentation) become the samples' rows: PS-KD's timing, for every head ---
+            if args.final_soft_targets:
+                final_logits = upright_logits if args.final_rows == "upright" else logits
+                record_predictions(final_buffer, sample_ids, final_logits.view(batch, final_slots, num_classes))
+            if args.aux_soft_targets:
+                record_predictions(aux_buffer, sample_ids, torch.stack(aux_logits, 1).view(batch, 4, num_heads, -1)
+                                   .transpose(1, 2), args.sad_tau)
+            # --- END METHOD ---
+            meter.add("loss/ce", F.cross_entropy(upright_logits.detach(), labels), batch)  # monitored only
+            meter.add_sum("train/top1", 100.0 * common.accuracy_count(upright_logits, labels), batch)
+            images_seen += batch  # loader images, not the 4x rotated rows
+
+        metrics = meter.averages()
+        common.check_finite(metrics, epoch, run_dir)
+        images_per_s = images_seen / (time.time() - epoch_start)
+        result = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)  # branches unused
+        if result["top1"] > best["top1"]:
+            best = {**result, "epoch": epoch}
+            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model.backbone, epoch + 1, result, args))
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
+                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics["lsskd/alpha"] = alpha  # --- METHOD: logged every epoch (checklist 4) ---
+        logger.log(epoch, metrics)
+        common.save_checkpoint(run_dir / "last.pth", common.training_state(
+            model.backbone, optimizer, epoch + 1, best, args, auxiliary_classifier=model.auxiliary_classifier.state_dict(),
+            final_predictions=final_buffer, aux_predictions=aux_buffer))
+        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+
+    last = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
+    heads = common.auxiliary_accuracy(model, data, args.eval_batch_size, args.amp)  # diagnostic only
+    common.write_summary(run_dir, args, best, last, arch=arch, aux_ss_top1=heads["ss_top1"],
+                         aux_class_top1=heads["class_top1"])

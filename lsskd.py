@@ -97,7 +97,8 @@ class Args:
     """deep-to-shallow KL: the deepest auxiliary head teaches every shallower one, or head l+1
     teaches head l [INTERP]"""
     lambda_sad: float = 1.0
-    """weight of the auxiliary heads' soft-target CE, summed over heads (0 switches the term off) [INTERP]"""
+    """weight of the auxiliary heads' soft-target CE, summed over heads (0 switches the term off; the deepest
+    head then learns nothing, as it only teaches through the KL) [INTERP]"""
     lambda_kl: float = 1.0
     """weight of the deep-to-shallow KL (0 switches the term off) [INTERP]"""
     lambda_feat: float = 1.0
@@ -144,6 +145,16 @@ def record_predictions(buffer, sample_ids, logits, temperature=1.0):
     """After the optimizer step: the batch's detached softmax(logits / T) [B, *slots, K] becomes its rows."""
     probabilities = F.softmax(logits.detach().float() / temperature, dim=-1)
     buffer[sample_ids.to(buffer.device)] = probabilities.to(buffer.device, buffer.dtype)
+
+
+def per_sample(head_rows):
+    """Auxiliary-head outputs in buffer layout: L x [4B, K] (row 4b + k) -> [B, L, 4, K]."""
+    return torch.stack(head_rows, dim=1).unflatten(0, (-1, 4)).transpose(1, 2)
+
+
+def per_head_rows(sample_values):
+    """The inverse of per_sample: [B, L, 4, K] -> L x [4B, K] (row 4b + k)."""
+    return list(sample_values.transpose(0, 1).flatten(1, 2))
 
 
 def soft_cross_entropy(logits, targets, temperature=1.0):
@@ -256,7 +267,7 @@ if __name__ == "__main__":
                 aux_targets = read_targets(aux_buffer, sample_ids, aux_labels, alpha, epoch == 0)
             else:
                 aux_targets = F.one_hot(aux_labels, 4 * num_classes).float()
-            aux_targets = list(aux_targets.transpose(0, 1).flatten(1, 2))  # L x [4B, 4C], row 4b + k
+            aux_targets = per_head_rows(aux_targets)  # L x [4B, 4C]
             with common.autocast(device, args.amp):
                 feats, aux_feats, aux_logits, logits = model(rotated, is_feat=True)
             aux_logits, aux_feats = [head.float() for head in aux_logits], [feat.float() for feat in aux_feats]
@@ -277,8 +288,7 @@ if __name__ == "__main__":
                 final_logits = upright_logits if args.final_rows == "upright" else logits
                 record_predictions(final_buffer, sample_ids, final_logits.view(batch, final_slots, num_classes))
             if args.aux_soft_targets:
-                record_predictions(aux_buffer, sample_ids, torch.stack(aux_logits, 1).view(batch, 4, num_heads, -1)
-                                   .transpose(1, 2), args.sad_tau)
+                record_predictions(aux_buffer, sample_ids, per_sample(aux_logits), args.sad_tau)
             # --- END METHOD ---
             meter.add("loss/ce", F.cross_entropy(upright_logits.detach(), labels), batch)  # monitored only
             meter.add_sum("train/top1", 100.0 * common.accuracy_count(upright_logits, labels), batch)

@@ -8,7 +8,9 @@ stage (SSKD head, HSAKD auxiliary branches) runs for 1 epoch and is cached befor
 The scripts take turns for several rounds so that machine noise hits all of them alike; the median
 per script is printed, with its ratio to kd.py and the time per loader batch relative to kd.py.
 
-  python benchmarks/speed_methods.py --data-dir /tmp/cifar10 --dataset cifar10 --methods kd sskd hssakd
+pskd.py and lsskd.py have no teacher: they train the --student architecture alone at batch 64.
+
+  python benchmarks/speed_methods.py --data-dir /tmp/cifar10 --dataset cifar10 --methods kd sskd hssakd lsskd
 """
 import argparse
 import json
@@ -25,15 +27,21 @@ STAGE_FLAGS = {
     "kd": [],
     "sskd": ["--t-epochs", "1"],
     "hssakd": ["--teacher-epochs", "1"],  # stage 1: the auxiliary classifiers
+    "pskd": [],
+    "lsskd": [],
 }
+TEACHER_FREE = ("pskd", "lsskd")  # they train --student's architecture alone, at kd.py's batch size 64
 
 
 def run(method, args, work, run_name):
+    if method in TEACHER_FREE:
+        models = ["--model", args.student, "--batch-size", "64"]
+    else:
+        models = ["--teacher", args.teacher, "--student", args.student, "--ce-teacher-epochs", "1",
+                  "--checkpoint-dir", str(work / "checkpoints")]
     command = [sys.executable, str(REPO / f"{method}.py"), "--dataset", args.dataset, "--data-dir", args.data_dir,
-               "--teacher", args.teacher, "--student", args.student, "--ce-teacher-epochs", "1",
-               "--train-subset", str(args.train_subset), "--epochs", "2", "--run-name", run_name,
-               "--output-dir", str(work / "runs"), "--checkpoint-dir", str(work / "checkpoints"),
-               *STAGE_FLAGS[method], *(["--amp"] if args.amp else [])]
+               *models, "--train-subset", str(args.train_subset), "--epochs", "2", "--run-name", run_name,
+               "--output-dir", str(work / "runs"), *STAGE_FLAGS[method], *(["--amp"] if args.amp else [])]
     done = subprocess.run(command, cwd=work, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{method}.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

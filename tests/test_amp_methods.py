@@ -14,6 +14,7 @@ SCRIPTS = {
     "hssakd.py": ["--teacher", "resnet8", "--student", "resnet8", "--teacher-mode", "joint", "--teacher-epochs", "1"],
     "pskd.py": ["--model", "resnet8"],
     "css.py": ["--model-t", "css_resnet56", "--model-s", "css_resnet56"],
+    "lsskd.py": ["--model", "resnet8"],
 }
 
 

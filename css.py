@@ -87,10 +87,12 @@ class Args:
     """branches per network (n_b); joint label space num_classes * n_b"""
     kd_T: float = 3.0
     """softmax temperature T of the branch-to-branch KD terms"""
-    detach_kd_target: bool = True
-    """[INTERP] KL targets (the partner's branches) carry no gradient; false = the code under PyTorch 2.x"""
-    detach_ratio: bool = True
-    """[INTERP] the CE-ratio weights alpha1, alpha2 carry no gradient; false = the code under PyTorch 2.x"""
+    detach_kd_target: bool = False
+    """true stops the gradient through each KD term's target (the partner's branches); false, the official
+    train.py, lets both KD terms train both networks"""
+    detach_ratio: bool = False
+    """true makes the CE-ratio weights alpha1, alpha2 constants; false, the official train.py, passes their
+    gradient to both networks' CEs"""
     mask: Literal["corners", "none"] = "corners"
     """[INTERP] feature-level transformation: corner masks per branch, or none (ablation)"""
     literal_mask3: bool = False
@@ -151,10 +153,11 @@ def branch_kd_loss(learner_logits, target_logits, temperature):
     return F.kl_div(log_learner, target_probs, reduction="sum") / (rows * branches) * temperature ** 2
 
 
-def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=True, detach_ratio=True):
+def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, detach_ratio=False):
     """L = [CE_t + alpha1 * KD_(t<-s)] + [CE_s + alpha2 * KD_(s<-t)], alpha1 = CE_t / CE_s,
-    alpha2 = CE_s / CE_t (css.md section 5): the network with the higher CE learns more from its
-    partner. Returns (total, dict of the terms)."""
+    alpha2 = CE_s / CE_t (docs/css.md, implementation details 4-5): the network with the higher CE
+    learns more from its partner. By default nothing is detached, as in the official train.py: the
+    targets and the ratios are differentiated too. Returns (total, dict of the terms)."""
     ce_t, ce_s = branch_ce_loss(logits_t, labels), branch_ce_loss(logits_s, labels)
     target_t = logits_t.detach() if detach_kd_target else logits_t
     target_s = logits_s.detach() if detach_kd_target else logits_s

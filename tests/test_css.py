@@ -162,29 +162,51 @@ def gradients(detach_kd_target, detach_ratio):
     return logits_t, logits_s
 
 
-def test_by_default_kd_targets_and_ce_ratios_carry_no_gradient():
-    logits_t, logits_s = gradients(True, True)
-    # Reference: net2's gradient comes only from its own CE and its KD term, alpha2 a constant.
-    fresh_t, fresh_s, labels = random_logits(1, scale=3.0), random_logits(2), torch.tensor([0, 3, 9, 4])
-    alpha2 = (branch_ce_loss(fresh_s, labels) / branch_ce_loss(fresh_t, labels)).detach()
-    own = branch_ce_loss(fresh_s, labels) + alpha2 * branch_kd_loss(fresh_s, fresh_t.detach(), 3.0)
-    own.backward()
-    torch.testing.assert_close(logits_s.grad, fresh_s.grad)
+def official_train_py_loss(out_t, out_s, targets, n, T, detached=False):
+    """PumpkinsLemon/CSS train.py's `train` step, written out branch by branch as the code does it:
+    CE per branch / n, F.kl_div batchmean per branch / n, alpha = CE ratio, T^2 on the KD terms.
+    detached=True is the conventional form: partners' distributions and the ratios are constants."""
+    partner_t, partner_s = (out_t.detach(), out_s.detach()) if detached else (out_t, out_s)
+    ce_t = sum(F.cross_entropy(out_t[:, :, i], targets * n + i) / n for i in range(n))
+    ce_s = sum(F.cross_entropy(out_s[:, :, i], targets * n + i) / n for i in range(n))
+    t2s = sum(F.kl_div(F.log_softmax(out_t[:, :, i] / T, 1), F.softmax(partner_s[:, :, i] / T, 1),
+                       reduction="batchmean") / n for i in range(n))
+    s2t = sum(F.kl_div(F.log_softmax(out_s[:, :, i] / T, 1), F.softmax(partner_t[:, :, i] / T, 1),
+                       reduction="batchmean") / n for i in range(n))
+    alpha_1, alpha_2 = (ce_t / ce_s, ce_s / ce_t) if not detached else ((ce_t / ce_s).detach(), (ce_s / ce_t).detach())
+    return (ce_s + alpha_2 * s2t * T ** 2) + (ce_t + alpha_1 * t2s * T ** 2)
 
 
-def test_literal_mode_differentiates_kd_targets_and_ce_ratios():
-    default_t, default_s = gradients(True, True)
+@pytest.mark.parametrize("flags, detached", [((False, False), False), ((True, True), True)])
+def test_each_networks_gradient_equals_autograd_of_the_official_formula(flags, detached):
+    logits_t, logits_s = gradients(*flags)
+    fresh_t, fresh_s = random_logits(1, scale=3.0), random_logits(2)
+    official_train_py_loss(fresh_t, fresh_s, torch.tensor([0, 3, 9, 4]), 3, 3.0, detached).backward()
+    torch.testing.assert_close(logits_t.grad, fresh_t.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logits_s.grad, fresh_s.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_literal_default_lets_both_kd_terms_and_both_ratios_train_each_network():
     literal_t, literal_s = gradients(False, False)
+    detached_t, detached_s = gradients(True, True)
     target_only_t, _ = gradients(False, True)
     ratio_only_t, _ = gradients(True, False)
-    for grads in (literal_t.grad, target_only_t.grad, ratio_only_t.grad):
-        assert (grads - default_t.grad).abs().max() > 1e-4
-    # Literal = autograd of the undetached formula.
+    for grads in (detached_t.grad, target_only_t.grad, ratio_only_t.grad):
+        assert (grads - literal_t.grad).abs().max() > 1e-4
+    # Detached: net2's gradient is its own CE and its own KD term with alpha2 a constant, nothing else.
     fresh_t, fresh_s, labels = random_logits(1, scale=3.0), random_logits(2), torch.tensor([0, 3, 9, 4])
+    alpha2 = (branch_ce_loss(fresh_s, labels) / branch_ce_loss(fresh_t, labels)).detach()
+    (branch_ce_loss(fresh_s, labels) + alpha2 * branch_kd_loss(fresh_s, fresh_t.detach(), 3.0)).backward()
+    torch.testing.assert_close(detached_s.grad, fresh_s.grad)
+    # Literal: net2 also receives the gradient of net1's KD term, in which net2 is the target, and of alpha1.
+    fresh_t, fresh_s = random_logits(1, scale=3.0), random_logits(2)
     ce_t, ce_s = branch_ce_loss(fresh_t, labels), branch_ce_loss(fresh_s, labels)
-    (ce_t + ce_t / ce_s * branch_kd_loss(fresh_t, fresh_s, 3.0)
-     + ce_s + ce_s / ce_t * branch_kd_loss(fresh_s, fresh_t, 3.0)).backward()
-    torch.testing.assert_close(literal_s.grad, fresh_s.grad)
+    (ce_t.detach() / ce_s * branch_kd_loss(fresh_t.detach(), fresh_s, 3.0)).backward()
+    from_partner_term = fresh_s.grad.clone()
+    assert from_partner_term.abs().max() > 1e-4
+    fresh_s.grad, ce_s = None, branch_ce_loss(fresh_s, labels)
+    (ce_s + ce_s / ce_t.detach() * branch_kd_loss(fresh_s, fresh_t.detach(), 3.0)).backward()
+    torch.testing.assert_close(literal_s.grad, fresh_s.grad + from_partner_term, rtol=1e-5, atol=1e-7)
 
 
 # ---- prediction (css.md section 6) ----
@@ -214,7 +236,7 @@ def test_defaults_follow_the_code_recipe_and_lr_warms_up_then_decays_at_149_and_
     assert (args.model_t, args.model_s, args.epochs, args.batch_size, args.branches, args.kd_T) == \
         ("css_resnet110", "css_resnet56", 300, 128, 3, 3.0)
     assert (args.momentum, args.nesterov, args.weight_decay, args.normalize) == (0.9, False, 5e-4, "cifar10")
-    assert args.detach_kd_target and args.detach_ratio and args.mask == "corners" and not args.literal_mask3
+    assert not args.detach_kd_target and not args.detach_ratio and args.mask == "corners" and not args.literal_mask3
     lrs = [common.lr_with_warmup(e, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
            for e in range(args.epochs)]
     assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.10])
@@ -258,7 +280,7 @@ def test_css_run_reports_three_accuracies_and_resumes_to_the_weights_of_an_unint
         assert summary[f"{name}_best_top1"] == max(row[f"test/{name}_top1"] for row in rows)
         assert summary[f"{name}_best_epoch"] in (1, 2)
     assert summary["last_top1"] == summary["net2_last_top1"] and summary["primary"] == "net2 (css_resnet56)"
-    assert summary["args"]["detach_kd_target"] is True and summary["args"]["detach_ratio"] is True
+    assert summary["args"]["detach_kd_target"] is False and summary["args"]["detach_ratio"] is False
     for checkpoint in ("best.pth", "best_net1.pth"):
         path = tmp_path / "runs" / "straight" / checkpoint  # RepDistiller-style {"model": ...} files
         common.load_weights(common.build_css_resnet("css_resnet56", 100), torch.load(path, weights_only=False), str(path))

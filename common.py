@@ -855,17 +855,19 @@ class AuxiliaryClassifier(nn.Module):
         for l in range(1, self.num_branches + 1):
             self.add_module(f"fc{l}", nn.Linear(feat_dim, num_outputs))
 
-    def forward(self, stage_outputs):
-        """[L maps] -> (pooled branch features [L x [N, feat_dim]], branch logits [L x [N, num_outputs]])."""
-        pooled, logits = [], []
+    def forward(self, stage_outputs, feature_maps=False):
+        """[L maps] -> (pooled branch features [L x [N, feat_dim]], branch logits [L x [N, num_outputs]]);
+        with feature_maps=True the first list holds the maps before pooling [L x [N, feat_dim, H, W]]."""
+        features, logits = [], []
         for l, x in enumerate(stage_outputs, 1):
             x = getattr(self, f"block_extractor{l}")(x)
             if self.head_name:
                 x = getattr(self, f"{self.head_name}{l}")(x)
                 x = F.relu(x) if self.relu_after_head else x
-            pooled.append(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-            logits.append(getattr(self, f"fc{l}")(pooled[-1]))
-        return pooled, logits
+            pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+            features.append(x if feature_maps else pooled)
+            logits.append(getattr(self, f"fc{l}")(pooled))
+        return features, logits
 
 
 def _cifar_resnet_branches(net, num_outputs):
@@ -1000,7 +1002,8 @@ class AuxiliaryModel(nn.Module):
 
     forward(x, detach_stages=False, is_feat=False) -> (aux_logits [L x [N, num_outputs]], logits [N, C]);
     with is_feat=True -> (backbone feats (zoo is_feat list), pooled branch features [L x [N, feat_dim]],
-    aux_logits, logits). detach_stages=True cuts the branches' gradient into the backbone (HSAKD's
+    aux_logits, logits); feature_maps=True returns the branch maps before pooling instead of the pooled
+    features. detach_stages=True cuts the branches' gradient into the backbone (HSAKD's
     grad=False, used to train branches on a frozen backbone). `arch` is "<backbone arch>_aux".
     """
 
@@ -1019,10 +1022,10 @@ class AuxiliaryModel(nn.Module):
         self.arch = f"{getattr(backbone, 'arch', type(backbone).__name__)}_aux"
         self.num_classes = getattr(backbone, "num_classes", None)
 
-    def forward(self, x, detach_stages=False, is_feat=False):
+    def forward(self, x, detach_stages=False, is_feat=False, feature_maps=False):
         feats, logits = self.backbone(x, is_feat=True)
         stages = [feats[i].detach() if detach_stages else feats[i] for i in self.branch_inputs]
-        aux_feats, aux_logits = self.auxiliary_classifier(stages)
+        aux_feats, aux_logits = self.auxiliary_classifier(stages, feature_maps)
         return (feats, aux_feats, aux_logits, logits) if is_feat else (aux_logits, logits)
 
 

@@ -93,9 +93,9 @@ class Args:
     """temperature of the auxiliary heads' soft-target CE and of their buffered predictions [INTERP]"""
     kd_T: float = 3.0
     """temperature of the deep-to-shallow KL (HSAKD's value) [INTERP]"""
-    kl_teacher: Literal["deepest", "chain"] = "deepest"
-    """deep-to-shallow KL: the deepest auxiliary head teaches every shallower one, or head l+1
-    teaches head l [INTERP]"""
+    kl_teacher: Literal["deepest", "chain", "final"] = "deepest"
+    """deep-to-shallow KL: the deepest auxiliary head teaches every shallower one, head l+1 teaches head l
+    (chain), or the final classifier teaches every auxiliary head's class distribution (final) [INTERP]"""
     lambda_sad: float = 1.0
     """weight of the auxiliary heads' soft-target CE, summed over heads (0 switches the term off; the deepest
     head then learns nothing, as it only teaches through the KL) [INTERP]"""
@@ -103,6 +103,8 @@ class Args:
     """weight of the deep-to-shallow KL (0 switches the term off) [INTERP]"""
     lambda_feat: float = 1.0
     """weight of the auxiliary-to-final feature L2 (0 switches the term off) [INTERP]"""
+    feat_level: Literal["pooled", "map"] = "pooled"
+    """feature L2 between pooled feature vectors, or between the auxiliary and the final feature maps [INTERP]"""
     feat_detach_target: bool = True
     """stop the feature L2's gradient into the backbone's final feature [INTERP]"""
     feat_include_last: bool = False
@@ -169,16 +171,30 @@ def distill_kl(student_logits, teacher_logits, temperature):
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
 
 
-def deep_to_shallow_kl(aux_logits, temperature, teacher="deepest"):
-    """Sum over the shallower heads l = 1..L-1 of the KL from a deeper head with stop-gradient: the
-    deepest head L for every l (Be-Your-Own-Teacher), or head l+1 ("chain"). aux_logits L x [4B, 4C]."""
+def head_class_logits(head_logits):
+    """An auxiliary head's class scores: the sum of each class's 4 rotation logits (joint labels 4c..4c+3),
+    as HSAKD's branch diagnostics read them. [R, 4C] -> [R, C]."""
+    return head_logits.unflatten(1, (-1, 4)).sum(2)
+
+
+def deep_to_shallow_kl(aux_logits, temperature, teacher="deepest", final_logits=None, final_rows="upright"):
+    """KL from a deeper classifier with stop-gradient. "deepest": the deepest head L teaches every head
+    l = 1..L-1 (Be-Your-Own-Teacher's rule on the SAD heads); "chain": head l+1 teaches head l; both on the
+    4C joint logits of all 4B rows. "final": the final classifier's logits [R, C] on the rows it learns from
+    (--final-rows) teach every head l = 1..L, on the head's class scores (head_class_logits) of those rows.
+    aux_logits L x [4B, 4C]."""
+    if teacher == "final":
+        rows = slice(0, None, 4) if final_rows == "upright" else slice(None)
+        target = final_logits.detach()
+        return sum(distill_kl(head_class_logits(head[rows]), target, temperature) for head in aux_logits)
     teachers = [aux_logits[-1] if teacher == "deepest" else aux_logits[l + 1] for l in range(len(aux_logits) - 1)]
     return sum(distill_kl(shallow, deep.detach(), temperature) for shallow, deep in zip(aux_logits, teachers))
 
 
 def feature_alignment(aux_feats, final_feat, detach_target=True, include_last=False):
-    """Sum over heads of the mean squared difference between head l's pooled feature and the backbone's
-    pooled final feature, on the same 4B rows. aux_feats L x [4B, D], final_feat [4B, D]."""
+    """Sum over heads of the mean squared difference between head l's feature and the backbone's final
+    feature on the same 4B rows: pooled vectors (aux_feats L x [4B, D], final_feat [4B, D]) or, with
+    --feat-level map, maps (L x [4B, D, H, W] against [4B, D, H, W]); the mean runs over every element."""
     target = final_feat.detach() if detach_target else final_feat
     heads = aux_feats if include_last else aux_feats[:-1]
     return sum(((feat - target) ** 2).mean() for feat in heads)
@@ -193,7 +209,7 @@ def lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_tar
     sad = [soft_cross_entropy(head, target, args.sad_tau) for head, target in zip(aux_logits, aux_targets)]
     terms.update({f"sad_{l}": term for l, term in enumerate(sad, 1)})
     terms["sad"] = sum(sad)
-    terms["kl"] = deep_to_shallow_kl(aux_logits, args.kd_T, args.kl_teacher)
+    terms["kl"] = deep_to_shallow_kl(aux_logits, args.kd_T, args.kl_teacher, final_logits, args.final_rows)
     terms["feat"] = feature_alignment(aux_feats, final_feat, args.feat_detach_target, args.feat_include_last)
     total = terms["final"]
     for name, weight in (("sad", args.lambda_sad), ("kl", args.lambda_kl), ("feat", args.lambda_feat)):
@@ -201,6 +217,20 @@ def lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_tar
             total = total + weight * terms[name]
     terms["total"] = total
     return terms
+
+
+def check_feature_map_shapes(arch, num_classes, include_last):
+    """--feat-level map needs every aligned branch map to have the shape of the backbone's last stage map.
+    Checked on the meta device (no weights, no compute) before anything runs; raises ConfigError if not."""
+    with torch.device("meta"):
+        model = common.build_auxiliary_model(arch, num_classes)
+        feats, aux_maps, _, _ = model(torch.zeros(2, 3, 32, 32), is_feat=True, feature_maps=True)
+    final_shape = tuple(feats[-2].shape[1:])
+    aligned = aux_maps if include_last else aux_maps[:-1]
+    mismatched = [f"head {l}: {tuple(m.shape[1:])}" for l, m in enumerate(aligned, 1) if tuple(m.shape[1:]) != final_shape]
+    if mismatched:
+        raise common.ConfigError(f"--feat-level map: {arch}'s auxiliary feature maps do not match its final feature map "
+                                 f"{final_shape} (C, H, W): {', '.join(mismatched)}; use --feat-level pooled")
 
 
 def restore_buffer(buffer, checkpoint, key, path):
@@ -219,13 +249,17 @@ if __name__ == "__main__":
     common.print_config(args, "lsskd")
     print("LSSKD has no public code: flags marked [INTERP] in --help are this repository's reading of the "
           "paper (docs/lsskd.md)", flush=True)
+    # --- METHOD: the architecture, and map-level feature L2's shapes checked before any data or run folder ---
+    arch = "MobileNetV2_hsakd" if args.model == "MobileNetV2" and args.mbv2_variant == "hsakd" else args.model
+    if args.feat_level == "map" and args.lambda_feat:
+        check_feature_map_shapes(arch, 10, args.feat_include_last)  # the class count does not change a map
+    # --- END METHOD ---
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
     run_dir = common.prepare_run_dir(args, f"lsskd_{args.model}_{args.dataset}_seed{args.seed}")
 
     # --- METHOD: one network with HSAKD's auxiliary classifiers, and the previous-epoch prediction buffers ---
-    arch = "MobileNetV2_hsakd" if args.model == "MobileNetV2" and args.mbv2_variant == "hsakd" else args.model
     model = common.prepare_model(common.build_auxiliary_model(arch, data.num_classes), device, args.amp)
     num_train, num_classes, num_heads = len(data.train_labels), data.num_classes, model.num_branches
     final_slots = 1 if args.final_rows == "upright" else 4
@@ -269,10 +303,10 @@ if __name__ == "__main__":
                 aux_targets = F.one_hot(aux_labels, 4 * num_classes).float()
             aux_targets = per_head_rows(aux_targets)  # L x [4B, 4C]
             with common.autocast(device, args.amp):
-                feats, aux_feats, aux_logits, logits = model(rotated, is_feat=True)
+                feats, aux_feats, aux_logits, logits = model(rotated, is_feat=True, feature_maps=args.feat_level == "map")
             aux_logits, aux_feats = [head.float() for head in aux_logits], [feat.float() for feat in aux_feats]
-            logits = logits.float()
-            losses = lsskd_loss(logits, aux_logits, aux_feats, feats[-1].float(),
+            logits, final_feat = logits.float(), (feats[-2] if args.feat_level == "map" else feats[-1]).float()
+            losses = lsskd_loss(logits, aux_logits, aux_feats, final_feat,
                                 final_targets.flatten(0, 1), aux_targets, args)
             loss, upright_logits = losses.pop("total"), logits[0::4]
             for name, value in losses.items():

@@ -13,8 +13,8 @@ import common
 import hssakd
 import pskd
 from conftest import run_script
-from lsskd import (Args, deep_to_shallow_kl, distill_kl, feature_alignment, lsskd_alpha, lsskd_loss, per_head_rows,
-                   per_sample, progressive_targets, read_targets, record_predictions, restore_buffer,
+from lsskd import (Args, check_feature_map_shapes, deep_to_shallow_kl, distill_kl, feature_alignment,
+                   head_class_logits, lsskd_alpha, lsskd_loss, per_head_rows, per_sample, progressive_targets, read_targets, record_predictions, restore_buffer,
                    soft_cross_entropy)
 
 
@@ -161,6 +161,67 @@ def test_feature_alignment_golden_values_and_the_deepest_head_excluded_by_defaul
     final = torch.tensor([[1.0, 0.0]])
     assert feature_alignment(feats, final).item() == pytest.approx(2.0 + 0.5)  # (0^2+2^2)/2 + (1^2+0^2)/2
     assert feature_alignment(feats, final, include_last=True).item() == pytest.approx(2.5 + 20.5)
+
+
+def test_head_class_logits_sum_each_class_four_rotation_logits():
+    head = torch.tensor([[1.0, 2.0, 3.0, 4.0, 10.0, 0.0, 0.0, -1.0]])  # C = 2: joint labels 0-3 class 0, 4-7 class 1
+    assert head_class_logits(head).tolist() == [[10.0, 9.0]]
+
+
+def test_final_classifier_teaches_every_heads_class_distribution_on_its_own_rows():
+    # One image, C = 2, L = 2. Upright row 0: head 1 class scores [0, log 3] -> softmax [1/4, 3/4]; head 2's
+    # [log 4, 0] -> [4/5, 1/5]; the final classifier's [0, 0] -> [1/2, 1/2]. Rows 1-3 (rotated) must not count.
+    head1, head2 = torch.full((4, 8), 50.0), torch.full((4, 8), -50.0)
+    head1[0] = torch.tensor([0.0, 0.0, 0.0, 0.0, math.log(3.0), 0.0, 0.0, 0.0])
+    head2[0] = torch.tensor([math.log(4.0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    final_upright = torch.zeros(1, 2)
+    expected = kl_by_hand([0.5, 0.5], [0.25, 0.75]) + kl_by_hand([0.5, 0.5], [0.8, 0.2])  # both heads learn
+    kl = deep_to_shallow_kl([head1, head2], 1.0, "final", final_upright, "upright")
+    assert kl.item() == pytest.approx(expected)
+    # --final-rows all: every row of every head, batchmean over the 4 rows
+    rows = torch.zeros(4, 8)
+    all_rows = deep_to_shallow_kl([rows, rows], 1.0, "final", torch.tensor([[0.0, math.log(3.0)]] * 4), "all")
+    assert all_rows.item() == pytest.approx(2 * kl_by_hand([0.25, 0.75], [0.5, 0.5]))
+
+
+def test_final_teacher_trains_every_head_and_never_the_final_classifier():
+    heads = [torch.randn(8, 12, requires_grad=True) for _ in range(3)]
+    final = torch.randn(2, 3, requires_grad=True)
+    deep_to_shallow_kl(heads, 3.0, "final", final, "upright").backward()
+    assert final.grad is None and all(head.grad[0::4].abs().sum() > 0 for head in heads)
+    assert all(head.grad[1::4].abs().sum() == 0 for head in heads)  # rotated rows: the final head does not teach
+
+
+def test_lsskd_loss_passes_the_final_rows_to_the_final_teacher():
+    logits, aux_logits, aux_feats, final_feat, _, final_targets, aux_targets = small_batch()
+    terms = lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets,
+                       loss_args(kl_teacher="final"))
+    torch.testing.assert_close(terms["kl"], deep_to_shallow_kl(aux_logits, 3.0, "final", logits[0::4]))
+
+
+def test_feature_alignment_on_maps_averages_over_channels_and_positions():
+    # [1, 1, 2, 2] maps: head 1 differs by [1, 2, 0, 3] -> (1 + 4 + 0 + 9) / 4; head 2 (deepest) excluded.
+    final = torch.zeros(1, 1, 2, 2)
+    maps = [torch.tensor([[[[1.0, 2.0], [0.0, 3.0]]]]), torch.full((1, 1, 2, 2), 7.0)]
+    assert feature_alignment(maps, final).item() == pytest.approx(14 / 4)
+    assert feature_alignment(maps, final, include_last=True).item() == pytest.approx(14 / 4 + 49.0)
+
+
+def test_feature_maps_of_cifar_resnet_branches_match_the_last_stage_and_pool_to_the_pooled_features():
+    model = common.build_auxiliary_model("resnet8", 10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    feats, maps, logits_from_maps, _ = model(images, is_feat=True, feature_maps=True)
+    _, pooled, logits, _ = model(images, is_feat=True)
+    assert all(m.shape == feats[-2].shape == (2, 64, 8, 8) for m in maps)
+    for m, p, a, b in zip(maps, pooled, logits_from_maps, logits):
+        torch.testing.assert_close(m.mean(dim=(2, 3)), p)
+        torch.testing.assert_close(a, b)
+
+
+def test_map_level_alignment_names_the_mismatched_shapes():
+    check_feature_map_shapes("resnet8x4", 100, include_last=True)  # CIFAR ResNets: every map is [w3, 8, 8]
+    with pytest.raises(common.ConfigError, match=r"ShuffleV2.*\(464, 4, 4\).*head 1: \(1024, 4, 4\).*--feat-level pooled"):
+        check_feature_map_shapes("ShuffleV2", 100, include_last=False)
 
 
 def test_feature_alignment_stops_gradient_into_the_final_feature_unless_asked():
@@ -395,3 +456,17 @@ def test_model_without_auxiliary_classifiers_is_a_clear_error(tmp_path, cifar_di
     result = run_script("lsskd.py", "--data-dir", cifar_dir, "--model", model, "--epochs", "1", cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_map_level_and_final_teacher_run_end_to_end_and_a_mismatch_stops_before_training(tmp_path, cifar_dir):
+    flags = tiny_flags(cifar_dir, "--epochs", "1", "--feat-level", "map", "--kl-teacher", "final")
+    result = run_script("lsskd.py", *flags, "--run-name", "map", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    row = read_metrics(tmp_path / "runs" / "map")[0]
+    assert row["loss/kl"] > 0 and row["loss/feat"] > 0 and math.isfinite(row["loss/total"])
+    summary = json.loads((tmp_path / "runs" / "map" / "summary.json").read_text())
+    assert summary["args"]["feat_level"] == "map" and summary["args"]["kl_teacher"] == "final"
+    refused = run_script("lsskd.py", *tiny_flags(cifar_dir, "--epochs", "1", "--feat-level", "map"), "--model", "ShuffleV2",
+                         "--run-name", "refused", cwd=tmp_path)
+    assert refused.returncode != 0 and "--feat-level pooled" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "runs" / "refused").exists()  # refused before the run folder is made

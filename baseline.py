@@ -49,14 +49,17 @@ class Args:
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    resume_with_changes: bool = False
+    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
     """run folder name; unset means baseline_<model>_<dataset>_seed<seed>"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Literal["repdistiller", "sskd", "cifar10"] = "repdistiller"
-    """normalisation constants (specs/README.md section 3)"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
+    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -73,6 +76,8 @@ class Args:
 
 if __name__ == "__main__":
     args = common.parse_args(Args)
+    args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
+    common.check_architectures(args.model)
     common.print_config(args, "baseline")
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
@@ -88,7 +93,7 @@ if __name__ == "__main__":
     model = common.prepare_model(common.build_model(args.model, data.num_classes), device, args.amp)
     base_lr = common.default_lr(args.model, args.learning_rate)
     optimizer = common.make_sgd(model.parameters(), base_lr, args)
-    start_epoch, best, _ = common.resume_state(run_dir, model, optimizer, args.resume)
+    start_epoch, best, _ = common.resume_state(run_dir, model, optimizer, args.resume, args)
     logger = common.Logger(run_dir, args, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
@@ -124,4 +129,4 @@ if __name__ == "__main__":
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(model, data, args.eval_batch_size, args.amp)
-    common.write_summary(run_dir, args, best, last)
+    common.write_summary(run_dir, args, best, last, "baseline")

@@ -6,7 +6,10 @@ Sections: DATA | BACKBONES | TRAINING UTILITIES | RUN BOOKKEEPING
 """
 import argparse
 import ast
+import contextlib
 import dataclasses
+import difflib
+import errno
 import inspect
 import json
 import math
@@ -51,6 +54,24 @@ NORMALIZE = {
 }
 
 
+# Data the CIFAR archives are fetched from when missing (torchvision's URLs and archive names).
+ARCHIVES = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+
+
+def default_normalize(dataset, cifar100_recipe):
+    """The constants an unset --normalize means: CIFAR-10's own statistics on cifar10 (every official
+    code base here that trains CIFAR-10 uses them), the method's recipe constants on cifar100."""
+    return "cifar10" if dataset == "cifar10" else cifar100_recipe
+
+
+def same_normalization(name_a, name_b, tolerance=1e-3):
+    """Whether two --normalize choices give the same inputs up to `tolerance` in every constant:
+    repdistiller and sskd differ by 1e-4 (the same CIFAR-100 statistics, rounded differently)."""
+    (mean_a, std_a), (mean_b, std_b) = NORMALIZE[name_a], NORMALIZE[name_b]
+    return all(abs(x - y) <= tolerance for x, y in zip(mean_a + std_a, mean_b + std_b))
+
+
 @dataclasses.dataclass
 class CifarData:
     """Train and test sets as uint8 [N, 3, 32, 32] tensors on the training device."""
@@ -82,13 +103,35 @@ def _download(dataset, data_dir):
     getattr(torchvision.datasets, DATASETS[dataset]["torchvision_class"])(data_dir, train=True, download=True)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles: a dict of bytes, lists and one numpy array. Only numpy's
+    array-rebuilding functions may be looked up, so a tampered batch cannot run code while loading."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # protocol-2 bytes from Python 3
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never contains")
+        return super().find_class(module, name)
+
+
 def _read_batches(folder, names, label_key):
     images, labels = [], []
     for name in names:
-        with open(folder / name, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[label_key])
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                batch = _CifarUnpickler(f, encoding="latin1").load()
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(label) for label in batch[label_key])
+        except Exception as err:  # truncated, garbage, tampered or re-packed wrongly: one message for all
+            raise ConfigError(f"{path} is not a readable CIFAR python batch ({type(err).__name__}: {err}). "
+                              f"Nothing in it was run. Delete the folder {folder} and let it download again, "
+                              f"or put the official files there.") from None
+        if len(labels) != sum(len(part) for part in images):
+            raise ConfigError(f"{path} holds {len(images[-1])} images but a different number of labels; "
+                              f"delete the folder {folder} and let it download again")
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -106,17 +149,24 @@ def load_cifar(dataset, data_dir, download=True):
     download_error = None
     download = download and not os.environ.get("KD_NO_DOWNLOAD")  # tests and air-gapped machines
     if missing and download:
+        created = not Path(data_dir).exists()
         try:
             _download(dataset, data_dir)
         except Exception as err:  # offline, proxy, disk: all end in the same advice below
             download_error = err
         missing = _missing_files(dataset, data_dir)
+        if missing and created and Path(data_dir).is_dir() and not any(Path(data_dir).iterdir()):
+            Path(data_dir).rmdir()  # leave no empty folder behind a failed download
     if missing:
-        why = f"downloading failed ({download_error})" if download_error else "download was not attempted"
+        why = (f"downloading it failed ({download_error})" if download_error else
+               "no download was attempted (KD_NO_DOWNLOAD is set)" if os.environ.get("KD_NO_DOWNLOAD") else
+               "no download was attempted")
+        archive = ARCHIVES[dataset]
         raise ConfigError(
-            f"{dataset} not found: missing {', '.join(missing)}; {why}. Put the official python "
-            f"version of {dataset} (the folder {info['folder']}/ with {', '.join(info['train'] + info['test'])}) "
-            f"under --data-dir {data_dir}, or run once on a machine with internet access.")
+            f"{dataset} not found: missing {', '.join(missing)}; {why}. Offline, download {archive} "
+            f"({archive.rsplit('/', 1)[1]}) on a machine with internet access and unpack it into --data-dir "
+            f"{data_dir}, so that {info['folder']}/ holds {', '.join(info['train'] + info['test'])}; set "
+            f"KD_NO_DOWNLOAD=1 to never try a download.")
     folder = Path(data_dir) / info["folder"]
     train_images, train_labels = _read_batches(folder, info["train"], info["label_key"])
     test_images, test_labels = _read_batches(folder, info["test"], info["label_key"])
@@ -127,6 +177,9 @@ def load_data(args, device):
     """Load the dataset named by `args` onto `device` (fields: dataset, data_dir, normalize,
     train_subset, amp)."""
     train_images, train_labels, test_images, test_labels = load_cifar(args.dataset, args.data_dir)
+    if args.train_subset and args.train_subset > len(train_labels):
+        raise ConfigError(f"--train-subset {args.train_subset} is larger than the {len(train_labels)} training "
+                          f"images of {args.dataset}; leave it unset to train on all of them")
     if args.train_subset:  # quick runs: the first N training images
         train_images, train_labels = train_images[:args.train_subset], train_labels[:args.train_subset]
     if args.normalize not in NORMALIZE:
@@ -245,6 +298,13 @@ def _run_stages(x, stages):
     return x, feats
 
 
+def global_average(x):
+    """Global average pooling [N, C, H, W] -> [N, C]: adaptive_avg_pool2d(x, 1) written as a mean over H and W.
+    The same function, bit-identical on the CPU (tested), but its CUDA backward is deterministic, while
+    adaptive_avg_pool2d's accumulates with atomics and is not (what --torch-deterministic needs on CUDA)."""
+    return x.mean(dim=(2, 3))
+
+
 def _classify(pooled, feats, classifier, is_feat):
     """The zoo interface: logits, or (feats ending with the pooled vector, logits) with is_feat."""
     logits = classifier(pooled)
@@ -339,7 +399,7 @@ class ResNet50(nn.Module):
     def forward(self, x, is_feat=False):
         stages = (self.layer1, self.layer2, self.layer3, self.layer4)
         x, feats = _run_stages(F.relu(self.bn1(self.conv1(x))), stages)
-        return _classify(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), feats, self.linear, is_feat)
+        return _classify(global_average(x), feats, self.linear, is_feat)
 
 
 # ---- Wide ResNet: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (zoo.md 3.3) ----
@@ -443,7 +503,7 @@ class VGG(nn.Module):
             feats.append(x)
             if g < 3 or (g == 3 and pool_after_block3):
                 x = F.max_pool2d(x, 2)
-        return _classify(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), feats, self.classifier, is_feat)
+        return _classify(global_average(x), feats, self.classifier, is_feat)
 
 
 # ---- MobileNetV2 = RepDistiller's mobile_half: expansion 6, width 0.5 (zoo.md 3.5) ----
@@ -651,7 +711,7 @@ class MobileNetV2HSAKD(MobileNetV2):
             if s in (1, 2, 4, 6):
                 feats.append(x)
         x = self.conv2(x)  # 4x4 here: the parent's fixed 2x2 pooling would not reduce it to 1x1
-        return _classify(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), feats, self.classifier, is_feat)
+        return _classify(global_average(x), feats, self.classifier, is_feat)
 
 
 # ---- Extra backbone: PS-KD's CIFAR PreAct ResNet-18 (zoo.md 4.2) ----
@@ -864,7 +924,7 @@ class AuxiliaryClassifier(nn.Module):
             if self.head_name:
                 x = getattr(self, f"{self.head_name}{l}")(x)
                 x = F.relu(x) if self.relu_after_head else x
-            pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+            pooled = global_average(x)
             features.append(x if feature_maps else pooled)
             logits.append(getattr(self, f"fc{l}")(pooled))
         return features, logits
@@ -1098,12 +1158,38 @@ def seed_everything(seed, deterministic):
         torch.backends.cudnn.benchmark = True
 
 
-def get_device(name=None):
+def resolve_device(name=None):
+    """--device, or cuda when available, else the CPU."""
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {name} was requested but CUDA is not available; use --device cpu")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"--device {name} is not a device name; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def runtime_info(device):
+    """What a run ran on, for the first lines of output and summary.json."""
+    info = {"device": str(device), "device_name": None, "torch": torch.__version__, "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def get_device(name=None):
+    """The training device, announced with torch's version (and the GPU's name on CUDA)."""
+    device = resolve_device(name)
+    info = runtime_info(device)
+    where = f"{info['device']} ({info['device_name']}, CUDA {info['cuda']})" if device.type == "cuda" else "cpu"
+    if device.type == "cpu" and not name:
+        where += " (no CUDA device was found)"
+    print(f"device: {where}; torch {info['torch']}, {torch.get_num_threads()} CPU threads", flush=True)
+    return device
 
 
 def autocast(device, enabled):
@@ -1196,7 +1282,7 @@ def check_finite(metrics, epoch, run_dir):
     bad = [name for name, value in metrics.items() if name.startswith("loss/") and not math.isfinite(value)]
     if bad:
         raise FloatingPointError(
-            f"{', '.join(bad)} became non-finite in epoch {epoch}. The checkpoint of the last finished "
+            f"{', '.join(bad)} became non-finite in epoch {epoch + 1}. The checkpoint of the last finished "
             f"epoch is in {run_dir}; lower --learning-rate or turn off --amp, then rerun with --resume.")
 
 
@@ -1226,8 +1312,12 @@ def auxiliary_accuracy(model, data, batch_size, amp):
 # =================================================================================================
 
 def _field_docs(args_class):
-    """The string literal under each dataclass field: its --help text (as CleanRL/tyro read it)."""
-    body = ast.parse(inspect.getsource(args_class)).body[0].body
+    """The string literal under each dataclass field: its --help text (as CleanRL/tyro read it). A class
+    without a source file (a notebook cell, exec) has no such text: its flags get no help, nothing fails."""
+    try:
+        body = ast.parse(inspect.getsource(args_class)).body[0].body
+    except (OSError, TypeError, IndentationError, SyntaxError):
+        return {}
     docs = {}
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
@@ -1245,11 +1335,15 @@ def _str2bool(text):
 
 def parse_args(args_class, argv=None):
     """Build the command line from the `Args` dataclass: `--field-name`, help from the field's
-    docstring, bools as `--flag` / `--flag false`, tuples as space- or comma-separated values."""
+    docstring, bools as `--flag` / `--flag false`, tuples as space- or comma-separated values.
+    `argv` is a list of strings (default: the command line). Values no run can use are refused here,
+    before any work (check_common_args)."""
     docs = _field_docs(args_class)
     hints = typing.get_type_hints(args_class)
-    module_doc = (sys.modules[args_class.__module__].__doc__ or "").strip()
+    module = sys.modules.get(args_class.__module__)
+    module_doc = (getattr(module, "__doc__", None) or "").strip()
     parser = argparse.ArgumentParser(description=module_doc.split("\n\n")[0],
+                                     epilog="architectures: " + ", ".join(MODEL_NAMES + tuple(CSS_RESNETS)),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tuple_fields = {}
     for field in dataclasses.fields(args_class):
@@ -1270,9 +1364,77 @@ def parse_args(args_class, argv=None):
     values = vars(parser.parse_args(argv))
     for name, item_type in tuple_fields.items():  # "150,180,210" and "150 180 210" both work
         tokens = values[name] if isinstance(values[name], (list, tuple)) else [values[name]]
-        values[name] = tuple(item_type(part) for token in tokens for part in str(token).split(",") if part)
+        try:
+            values[name] = tuple(item_type(part) for token in tokens for part in str(token).split(",") if part)
+        except ValueError:
+            parser.error(f"--{name.replace('_', '-')}: expected {item_type.__name__} values, got {' '.join(map(str, tokens))}")
     sys.excepthook = _friendly_excepthook
-    return args_class(**values)
+    args = args_class(**values)
+    try:
+        check_common_args(args)
+    except ConfigError as err:
+        parser.error(str(err))  # usage line + message, exit 2: nothing has run yet
+    return args
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_common_args(args):
+    """Refuse values no run can use, by the fields' names, so every script checks them before any work:
+    epoch counts and batch sizes at least 1 (a warm-up may be 0), a positive --train-subset, positive
+    learning rates and temperatures, momentum in [0, 1), non-negative weight decay and milestones, and
+    output folders that can be created. Method-specific ranges are checked by each method file."""
+    values = dataclasses.asdict(args)
+    problems = []
+    for name, value in values.items():
+        if value is None or isinstance(value, bool):
+            continue
+        if (name.endswith("epochs") and name != "warmup_epochs") or name.endswith("batch_size"):
+            if value < 1:
+                problems.append(f"{_flag(name)} {value} must be at least 1")
+        elif name == "warmup_epochs" and value < 0:
+            problems.append(f"{_flag(name)} {value} must be 0 or more")
+        elif name == "train_subset" and value < 1:
+            problems.append(f"--train-subset {value} must be a positive number of images (leave it unset for all)")
+        elif (name.endswith(("learning_rate", "_lr", "_tau")) or (name.endswith("_T") and name != "alpha_T")) \
+                and value <= 0:
+            problems.append(f"{_flag(name)} {value} must be positive")
+        elif name.endswith("momentum") and not 0 <= value < 1:
+            problems.append(f"{_flag(name)} {value} must be in [0, 1)")
+        elif name.endswith("weight_decay") and value < 0:
+            problems.append(f"{_flag(name)} {value} must be 0 or more")
+        elif name.endswith("milestones") and any(epoch < 0 for epoch in value):
+            problems.append(f"{_flag(name)} {value} must be 0-based epochs (0 or more)")
+    for name in ("output_dir", "checkpoint_dir"):
+        if name in values and (problem := _unwritable(Path(values[name]))):
+            problems.append(f"{_flag(name)} {values[name]}: {problem}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _unwritable(folder):
+    """Why `folder` cannot be created or written, or None. Creates nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_architectures(*names, valid=None):
+    """Unknown architecture names stop the run before any data, teacher or run folder (a typo in
+    --student must not cost a teacher's training first)."""
+    valid = valid or MODEL_NAMES
+    for name in names:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown architecture {name!r}{hint}; choose one of: {', '.join(valid)}")
 
 
 def _friendly_excepthook(kind, error, trace):
@@ -1305,6 +1467,8 @@ def prepare_run_dir(args, default_name):
     if (run_dir / "last.pth").exists() and not args.resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or --run-name "
                           f"(or --output-dir) to start a new one")
+    if args.resume and not (run_dir / "last.pth").exists():
+        print(f"--resume: {run_dir} holds no finished epoch to resume from; starting a new run there", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -1322,9 +1486,9 @@ class Logger:
 
     def __init__(self, run_dir, args, start_epoch=0):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if self.path.exists():  # on resume, drop epochs that will be run again
+        if self.path.exists():  # on resume, drop epochs that will be run again (lines carry 1-based epochs)
             kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["epoch"] < start_epoch]
+                    if line and json.loads(line)["epoch"] <= start_epoch]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tensorboard = self.wandb = None
         if getattr(args, "tensorboard", False):
@@ -1336,13 +1500,14 @@ class Logger:
                                     config=dataclasses.asdict(args), resume="allow")
 
     def log(self, epoch, metrics):
+        """`epoch` is the loop's 0-based index; files and screens say epoch + 1, as summary.json does."""
         with open(self.path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+            f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
         if self.tensorboard:
             for name, value in metrics.items():
-                self.tensorboard.add_scalar(name, value, epoch)
+                self.tensorboard.add_scalar(name, value, epoch + 1)
         if self.wandb:
-            self.wandb.log(metrics, step=epoch)
+            self.wandb.log(metrics, step=epoch + 1)
 
 
 def format_seconds(seconds):
@@ -1368,8 +1533,15 @@ def save_checkpoint(path, payload):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its writer
+        temporary.unlink(missing_ok=True)
+        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+        reason = "the disk is full" if full else f"{type(err).__name__}: {err}"
+        raise ConfigError(f"could not write {path}: {reason}. The previous {path.name} (if any) is unchanged; "
+                          f"free some space and rerun the same command with --resume.") from None
 
 
 def rng_states():
@@ -1399,13 +1571,76 @@ def model_payload(model, epoch, result, args):
             "epoch": epoch, "test_acc": result["top1"], "args": dataclasses.asdict(args)}
 
 
-def resume_state(run_dir, model, optimizer, resume):
-    """With --resume, load runs/<run>/last.pth into model and optimizer. Returns (start_epoch,
-    best, checkpoint); a fresh start is (0, no best yet, None)."""
+def _checkpoint_safe_globals():
+    """The only non-tensor types our files and the community formats hold: numpy's RNG state and scalars
+    (last.pth, some official files) and argparse.Namespace (RepDistiller's `opt`). Nothing else is built."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = [type(np.dtype(kind)) for kind in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64,
+                                                  np.bool_)]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, argparse.Namespace, *dtypes]
+
+
+def load_checkpoint(path, what="checkpoint", remedy=None):
+    """torch.load with weights_only=True: tensors, plain containers and the types above, so a file that
+    would run code while loading is refused and nothing in it runs. A missing, truncated or foreign file
+    gives one paragraph naming it; `remedy` says what to do (e.g. that deleting a cache retrains it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(_checkpoint_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("\n")[-3].strip() if "GLOBAL" in str(err) else str(err).splitlines()[0]
+        raise ConfigError(f"{what} {path} was refused: it needs more than tensors and plain values to load "
+                          f"({detail}). Nothing in it was run. Load only checkpoints whose origin you trust; "
+                          f"if you do trust it, re-save its state dict with torch.save(model.state_dict(), ...)."
+                          + (f" {remedy}" if remedy else "")) from None
+    except Exception as err:  # truncated zip, garbage bytes, wrong format
+        raise ConfigError(f"{what} {path} could not be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                          f"it is truncated or not a PyTorch checkpoint." + (f" {remedy}" if remedy else "")) from None
+
+
+# Arguments that may differ when a run is resumed: where things are, how it is watched; not what is trained.
+RESUME_MAY_CHANGE = ("resume", "resume_with_changes", "device", "output_dir", "run_name", "data_dir",
+                     "checkpoint_dir", "eval_batch_size", "tensorboard", "track", "wandb_project")
+
+
+def changed_arguments(recorded, args):
+    """{name: (recorded value, new value)} for every argument outside RESUME_MAY_CHANGE that differs."""
+    current = dataclasses.asdict(args)
+    as_tuple = lambda value: tuple(value) if isinstance(value, list) else value
+    return {name: (recorded.get(name), value) for name, value in current.items()
+            if name not in RESUME_MAY_CHANGE and as_tuple(recorded.get(name)) != as_tuple(value)}
+
+
+def check_resume_arguments(path, checkpoint, args):
+    """Refuse a resume whose arguments differ from the interrupted run's, unless --resume-with-changes;
+    accepted changes are appended to resumes.jsonl beside last.pth, so the record of the earlier epochs
+    stays (summary.json repeats it)."""
+    changes = changed_arguments(checkpoint.get("args", {}), args)
+    if not changes:
+        return
+    listed = "; ".join(f"{_flag(name)} {old!r} -> {new!r}" for name, (old, new) in changes.items())
+    if not getattr(args, "resume_with_changes", False):
+        raise ConfigError(f"{path} was trained with other arguments: {listed}. Rerun with the original values, or "
+                          f"add --resume-with-changes to continue with the new ones (the change is recorded).")
+    print(f"resuming with changed arguments (from epoch {checkpoint['epoch'] + 1} on): {listed}", flush=True)
+    with open(Path(path).parent / "resumes.jsonl", "a") as f:
+        f.write(json.dumps({"from_epoch": checkpoint["epoch"] + 1,
+                            "changed": {name: [old, new] for name, (old, new) in changes.items()}}) + "\n")
+
+
+def resume_state(run_dir, model, optimizer, resume, args=None):
+    """With --resume, load runs/<run>/last.pth into model and optimizer, after checking that `args` match
+    the interrupted run's. Returns (start_epoch, best, checkpoint); a fresh start is (0, no best yet, None)."""
     path = Path(run_dir) / "last.pth"
     if not (resume and path.exists()):
         return 0, {"top1": 0.0, "top5": 0.0, "epoch": -1}, None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path, "the run's last checkpoint",
+                                 "Delete it (the run restarts from epoch 1) or restore it from a backup.")
+    if args is not None:
+        check_resume_arguments(path, checkpoint, args)
     load_weights(model, checkpoint, str(path))
     optimizer.load_state_dict(checkpoint["optimizer"])
     restore_rng_states(checkpoint["rng"])
@@ -1448,15 +1683,17 @@ def load_weights(model, checkpoint, source):
     model.load_state_dict(state, strict=True)
 
 
-def load_model_file(arch, num_classes, path):
-    """Build `arch` and load weights from `path` (any supported format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
+def model_from_checkpoint(arch, num_classes, checkpoint, source):
+    """Build `arch` and load the weights of a loaded checkpoint (any supported format)."""
     with torch.random.fork_rng(devices=[]):  # building a model to overwrite must not shift the seed's stream
         model = build_model(arch, num_classes)
-    load_weights(model, torch.load(path, map_location="cpu", weights_only=False), str(path))
+    load_weights(model, checkpoint, source)
     return model
+
+
+def load_model_file(arch, num_classes, path, what="checkpoint", remedy=None):
+    """Build `arch` and load weights from `path` (any supported format, loaded safely)."""
+    return model_from_checkpoint(arch, num_classes, load_checkpoint(path, what, remedy), str(path))
 
 
 # Published teacher accuracies of the RepDistiller/mdistiller checkpoints (specs/README.md section 9).
@@ -1469,7 +1706,48 @@ def teacher_cache_path(args):
     test teacher is never mistaken for a real one."""
     suffix = (f"_e{args.ce_teacher_epochs}" if args.ce_teacher_epochs != 240 else "") + \
              (f"_n{args.train_subset}" if args.train_subset else "")
+    if not same_normalization(args.normalize, default_normalize(args.dataset, "repdistiller")):
+        suffix += f"_norm-{args.normalize}"  # the dataset's usual constants keep the plain name
     return Path(args.checkpoint_dir) / args.dataset / f"{args.teacher}{suffix}.pth"
+
+
+@contextlib.contextmanager
+def cache_lock(path):
+    """Hold an exclusive lock on <path>.lock while a cached stage is looked up and, if missing, trained and
+    written: concurrent runs (a sweep's jobs) that need the same cache train it once; the others wait,
+    then load it. POSIX advisory lock (fcntl); where fcntl is missing, no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another run that is preparing {path}", flush=True)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def die_with_parent(parent_pid):
+    """preexec_fn of a stage's child process: it receives SIGTERM when the method script that started it
+    dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG), so no orphaned training is left behind."""
+    def set_death_signal():
+        import ctypes
+        import signal
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return  # not Linux: no such guarantee
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os._exit(1)
+    return set_death_signal
 
 
 def train_teacher(args, cache_path):
@@ -1478,7 +1756,8 @@ def train_teacher(args, cache_path):
     run_name = "teacher_" + cache_path.stem + f"_{args.dataset}"
     command = [sys.executable, str(REPO_DIR / "baseline.py"), "--model", args.teacher,
                "--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(args.ce_teacher_epochs),
-               "--amp", str(args.amp), "--output-dir", args.output_dir, "--run-name", run_name, "--resume"]
+               "--normalize", args.normalize, "--amp", str(args.amp), "--output-dir", args.output_dir,
+               "--run-name", run_name, "--resume"]
     if args.train_subset:
         command += ["--train-subset", str(args.train_subset)]
     if args.device:
@@ -1486,19 +1765,41 @@ def train_teacher(args, cache_path):
     print(f"no teacher checkpoint at {cache_path}: training one with baseline.py "
           f"({args.ce_teacher_epochs} epochs; interruptible, resumes where it stopped)\n  {' '.join(command)}",
           flush=True)
-    if subprocess.run(command).returncode != 0:
+    preexec = die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
+    if subprocess.run(command, preexec_fn=preexec).returncode != 0:
         raise ConfigError("training the teacher failed (see above); fix it and rerun, it resumes")
-    last = torch.load(Path(args.output_dir) / run_name / "last.pth", map_location="cpu", weights_only=False)
+    last = load_checkpoint(Path(args.output_dir) / run_name / "last.pth", "the teacher run's last checkpoint")
     save_checkpoint(cache_path, {key: last[key] for key in ("model", "arch", "num_classes", "epoch", "args")})
+
+
+def check_teacher_normalization(checkpoint, args, source):
+    """A teacher whose checkpoint records its --normalize must have been trained on the inputs the student
+    feeds it; otherwise refuse, or warn with --allow-teacher-normalize-mismatch. Community files record
+    nothing and are trusted."""
+    recorded = checkpoint.get("args", {}).get("normalize") if isinstance(checkpoint.get("args"), dict) else None
+    if recorded is None or recorded not in NORMALIZE or same_normalization(recorded, args.normalize):
+        return
+    message = (f"{source} was trained with --normalize {recorded}, but this run feeds it --normalize "
+               f"{args.normalize}: its accuracy would drop. Pass --normalize {recorded}, or delete the file so "
+               f"that it is retrained with this run's data settings")
+    if not getattr(args, "allow_teacher_normalize_mismatch", False):
+        raise ConfigError(message + " (or --allow-teacher-normalize-mismatch to use it anyway).")
+    print(f"warning: {message}.", flush=True)
 
 
 def load_teacher(args, data, device):
     """The teacher for distillation, in eval mode and frozen, with its test accuracy printed.
     Uses --teacher-path, else the cached checkpoint, else trains one with baseline.py first."""
     path = Path(args.teacher_path) if args.teacher_path else teacher_cache_path(args)
-    if not args.teacher_path and not path.exists():
-        train_teacher(args, path)
-    teacher = prepare_model(load_model_file(args.teacher, data.num_classes, path), device, args.amp)
+    if not args.teacher_path:
+        with cache_lock(path):
+            if not path.exists():
+                train_teacher(args, path)
+    remedy = None if args.teacher_path else "It is a cached teacher: delete it and rerun to train it again."
+    checkpoint = load_checkpoint(path, "teacher checkpoint", remedy)
+    teacher = model_from_checkpoint(args.teacher, data.num_classes, checkpoint, str(path))  # architecture, classes
+    check_teacher_normalization(checkpoint, args, path)
+    teacher = prepare_model(teacher, device, args.amp)
     teacher.eval().requires_grad_(False)
     result = evaluate(teacher, data, args.eval_batch_size, args.amp)
     print(f"teacher {args.teacher} from {path}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}",
@@ -1515,12 +1816,16 @@ def load_teacher(args, data, device):
     return teacher, result
 
 
-def write_summary(run_dir, args, best, last, **extra):
-    """The small JSON every run ends with (specs/README.md section 8): last-epoch top-1 is the
-    primary number, best-epoch top-1 is labelled as such."""
-    summary = {"last_top1": last["top1"], "last_top5": last["top5"], "best_top1": best["top1"],
+def write_summary(run_dir, args, best, last, method, **extra):
+    """The small JSON every run ends with: last-epoch top-1 is the primary number, best-epoch top-1 (with its
+    1-based epoch) is labelled as such; the method, the device and versions it ran on, every argument, and
+    any argument changes accepted on resume (resumes.jsonl)."""
+    resumes = Path(run_dir) / "resumes.jsonl"
+    summary = {"method": method, "last_top1": last["top1"], "last_top5": last["top5"], "best_top1": best["top1"],
                "best_epoch": best["epoch"] + 1, **extra, "seed": args.seed, "git_commit": git_commit(),
-               "args": dataclasses.asdict(args)}
+               **runtime_info(resolve_device(args.device)), "args": dataclasses.asdict(args)}
+    if resumes.exists():
+        summary["resumed_with_changes"] = [json.loads(line) for line in resumes.read_text().splitlines() if line]
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"done: last-epoch test top1 {last['top1']:.2f} (primary), best-epoch top1 {best['top1']:.2f} "
           f"at epoch {best['epoch'] + 1}; summary in {Path(run_dir) / 'summary.json'}", flush=True)

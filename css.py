@@ -62,14 +62,17 @@ class Args:
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    resume_with_changes: bool = False
+    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
     """run folder name; unset means css_<model-t>_<model-s>_<dataset>_seed<seed>"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Literal["repdistiller", "sskd", "cifar10"] = "cifar10"
-    """normalisation constants (specs/README.md section 3; CSS uses the CIFAR-10 ones)"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
+    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -230,9 +233,13 @@ NO_BEST = {"top1": 0.0, "top5": 0.0, "epoch": -1}
 
 if __name__ == "__main__":
     args = common.parse_args(Args)
+    args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
     common.print_config(args, "css")
     if args.branches < 1 or args.warmup_epochs < 0:
         raise common.ConfigError("--branches must be at least 1 and --warmup-epochs at least 0")
+    for arch in (args.model_t, args.model_s):  # a wrong name stops here, before any data or run folder
+        if arch not in common.CSS_RESNETS:
+            common.build_css_resnet(arch, 10)  # raises the message that names the CSS networks
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
@@ -249,7 +256,7 @@ if __name__ == "__main__":
     optimizer_t = common.make_sgd(net_t.parameters(), args.learning_rate, args)
     optimizer_s = common.make_sgd(net_s.parameters(), args.learning_rate, args)
     # last.pth keeps net2 in the standard slots and net1 beside it, so it also loads as a net2 checkpoint.
-    start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume)
+    start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args)
     best_net1, best_ensemble = dict(NO_BEST), dict(NO_BEST)
     if checkpoint is not None:
         common.load_weights(net_t, {"model": checkpoint["net1_model"], "arch": checkpoint["net1_arch"]},
@@ -330,4 +337,4 @@ if __name__ == "__main__":
               f"at epoch {best_of['epoch'] + 1}", flush=True)
     extra["last_branch_top1"] = {name: value for name, value in last.items() if "_branch" in name}
     extra.update({f"last_{name}": value for name, value in last.items() if name.startswith("diversity")})
-    common.write_summary(run_dir, args, best, {"top1": last["net2_top1"], "top5": last["net2_top5"]}, **extra)
+    common.write_summary(run_dir, args, best, {"top1": last["net2_top1"], "top5": last["net2_top5"]}, "css", **extra)

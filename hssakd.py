@@ -6,7 +6,7 @@ Distillation Using Hierarchical Self-Supervision Augmented Distribution", IEEE T
 https://arxiv.org/abs/2109.03075. Reference code: winycg/HSAKD@28c8dc2 (spec: specs/hssakd.md).
 
 Every network gets L auxiliary classifiers after its intermediate stages (common.AuxiliaryModel).
-Each one predicts a 400-way "self-supervised augmented" label, class x rotation (4y + k), for the
+Each one predicts a 4C-way (400-way on CIFAR-100) "self-supervised augmented" label, class x rotation (4y + k), for the
 four 90-degree rotations of every image. Stage 1 trains the teacher's auxiliary classifiers with
 cross-entropy on those joint labels: by default on top of the frozen cross-entropy teacher that
 kd.py uses ("HSAKD" rows), or together with a teacher trained from scratch (`--teacher-mode joint`,
@@ -64,14 +64,17 @@ class Args:
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    resume_with_changes: bool = False
+    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
     """run folder name; unset means hssakd_<teacher-mode>_<teacher>_<student>_<dataset>_seed<seed>"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Literal["repdistiller", "sskd", "cifar10"] = "repdistiller"
-    """normalisation constants (specs/README.md section 3)"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
+    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -94,6 +97,8 @@ class Args:
     """expected CE teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""
     strict_teacher_check: bool = False
     """abort (instead of warn) when the CE teacher's top-1 differs from the expected value by > 0.5"""
+    allow_teacher_normalize_mismatch: bool = False
+    """use a teacher whose recorded --normalize differs from this run\'s (warn instead of refusing)"""
     ce_teacher_epochs: int = 240
     """frozen mode: epochs of baseline.py training when the CE teacher has to be trained"""
     # HSAKD (specs/hssakd.md sections 5, 6 and 12)
@@ -107,7 +112,7 @@ class Args:
     teacher_lr: float = 0.05
     """stage-1 initial lr"""
     teacher_ckpt: Literal["last", "best"] = "last"
-    """stage-1 epoch the student learns from: last, or best max-over-branches 400-way test top-1"""
+    """stage-1 epoch the student learns from: last, or best max-over-branches 4C-way test top-1"""
     teacher_seed: int = 1
     """seed of stage 1 (fixed, so every student seed shares one cached teacher)"""
     kd_T: float = 3.0
@@ -140,7 +145,7 @@ def distill_kl(student_logits, teacher_logits, temperature):
 
 
 def student_loss(logits, aux_logits, teacher_logits, teacher_aux_logits, labels, joint_labels, args):
-    """Stage 2 (IJCAI Eqs. 2-5): CE on the upright rows + kl_q (sum over branches of the 400-way KL)
+    """Stage 2 (IJCAI Eqs. 2-5): CE on the upright rows + kl_q (sum over branches of the 4C-way KL)
     + kl_p (the final classifiers' KL), both KLs over all 4B rows. Returns every term and the total."""
     terms = {"ce": F.cross_entropy(logits[0::4], labels)}  # logits [4B, C], upright rows 0::4
     branch_kls = [distill_kl(s, t, args.kd_T) for s, t in zip(aux_logits, teacher_aux_logits)]  # [4B, 4C]
@@ -250,7 +255,7 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
         common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args))
         common.print_epoch(epoch, epochs, metrics, (time.time() - epoch_start) * (epochs - epoch - 1))
     for source, target in (("best.pth", cache_path.with_name(cache_path.stem + "_best.pth")), ("last.pth", cache_path)):
-        checkpoint = torch.load(run_dir / source, map_location="cpu", weights_only=False)  # last: written last
+        checkpoint = common.load_checkpoint(run_dir / source, "stage 1's checkpoint")  # last: written last
         common.save_checkpoint(target, {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
                                | {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None})
 
@@ -267,14 +272,14 @@ def prepare_teacher(args, data, device, teacher_arch):
             ce_teacher = common.load_teacher(ce_args, data, device)[0]
             ce_file = Path(args.teacher_path) if args.teacher_path else common.teacher_cache_path(ce_args)
         cache_path = stage1_cache_path(args, teacher_arch, ce_file)
-        if not cache_path.exists():
-            train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_path)
+        with common.cache_lock(cache_path):
+            if not cache_path.exists():
+                train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_path)
         path = cache_path if args.teacher_ckpt == "last" else cache_path.with_name(cache_path.stem + "_best.pth")
-    if not path.is_file():
-        raise common.ConfigError(f"teacher checkpoint {path} does not exist")
+    remedy = None if args.teacher_aux_path else "It is a cached stage 1: delete it and rerun to train it again."
+    checkpoint = common.load_checkpoint(path, "teacher checkpoint", remedy)
     with torch.random.fork_rng(devices=[]):  # building a model to overwrite must not shift the seed's stream
         teacher = common.build_auxiliary_model(teacher_arch, data.num_classes)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     common.load_weights(teacher, checkpoint, str(path))
     mode = checkpoint.get("teacher_mode", "unknown (--teacher-aux-path)" if args.teacher_aux_path else args.teacher_mode)
     return common.prepare_model(teacher, device, args.amp).eval().requires_grad_(False), path, mode
@@ -282,7 +287,13 @@ def prepare_teacher(args, data, device, teacher_arch):
 
 if __name__ == "__main__":
     args = common.parse_args(Args)
+    args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
+    common.check_architectures(args.teacher, args.student)
     common.print_config(args, "hssakd")
+    # --- METHOD: both networks need auxiliary classifiers, as many as each other: checked before any work ---
+    teacher_arch, student_arch = resolve_arch(args.teacher, args), resolve_arch(args.student, args)
+    check_pair(teacher_arch, student_arch)
+    # --- END METHOD ---
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
@@ -290,20 +301,18 @@ if __name__ == "__main__":
         args, f"hssakd_{args.teacher_mode}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}")
 
     # --- METHOD: stage 1, a teacher with trained auxiliary classifiers; a student with fresh ones ---
-    teacher_arch, student_arch = resolve_arch(args.teacher, args), resolve_arch(args.student, args)
-    check_pair(teacher_arch, student_arch)
     teacher, teacher_file, teacher_mode = prepare_teacher(args, data, device, teacher_arch)
     teacher_result = common.evaluate(teacher.backbone, data, args.eval_batch_size, args.amp)
     teacher_branches = common.auxiliary_accuracy(teacher, data, args.eval_batch_size, args.amp)
     print(f"teacher {teacher.arch} ({teacher_mode}) from {teacher_file}: test top1 {teacher_result['top1']:.2f} "
-          f"top5 {teacher_result['top5']:.2f}; branch 400-way top1 "
+          f"top5 {teacher_result['top5']:.2f}; branch {4 * data.num_classes}-way top1 "
           + " ".join(f"{acc:.2f}" for acc in teacher_branches["ss_top1"]), flush=True)
     common.seed_everything(args.seed, args.torch_deterministic)  # the student must not depend on stage 1 having run
     student = common.prepare_model(common.build_auxiliary_model(student_arch, data.num_classes), device, args.amp)
     # --- END METHOD ---
     base_lr = common.default_lr(student_arch, args.learning_rate)
     optimizer = common.make_sgd(student.parameters(), base_lr, args)  # backbone and branches; not the teacher
-    start_epoch, best, checkpoint = common.resume_state(run_dir, student.backbone, optimizer, args.resume)
+    start_epoch, best, checkpoint = common.resume_state(run_dir, student.backbone, optimizer, args.resume, args)
     if checkpoint:
         student.auxiliary_classifier.load_state_dict(checkpoint["auxiliary_classifier"])
     logger = common.Logger(run_dir, args, start_epoch)
@@ -352,7 +361,7 @@ if __name__ == "__main__":
 
     last = common.evaluate(student.backbone, data, args.eval_batch_size, args.amp)
     student_branches = common.auxiliary_accuracy(student, data, args.eval_batch_size, args.amp)
-    common.write_summary(run_dir, args, best, last, teacher_top1=teacher_result["top1"],
+    common.write_summary(run_dir, args, best, last, "hssakd", teacher_top1=teacher_result["top1"],
                          teacher_mode=teacher_mode,
                          teacher_file=str(teacher_file), teacher_arch=teacher.arch, student_arch=student_arch,
                          teacher_ss_top1=teacher_branches["ss_top1"], teacher_class_top1=teacher_branches["class_top1"],

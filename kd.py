@@ -55,14 +55,17 @@ class Args:
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    resume_with_changes: bool = False
+    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
     """run folder name; unset means kd_<teacher>_<student>_<dataset>_seed<seed>"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Literal["repdistiller", "sskd", "cifar10"] = "repdistiller"
-    """normalisation constants (specs/README.md section 3)"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
+    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -85,6 +88,8 @@ class Args:
     """expected teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""
     strict_teacher_check: bool = False
     """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
+    allow_teacher_normalize_mismatch: bool = False
+    """use a teacher whose recorded --normalize differs from this run\'s (warn instead of refusing)"""
     # KD (specs/kd.md section 1)
     kd_T: float = 4.0
     """softmax temperature T of the KD term"""
@@ -105,6 +110,8 @@ def kd_loss(student_logits, teacher_logits, temperature):
 
 if __name__ == "__main__":
     args = common.parse_args(Args)
+    args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
+    common.check_architectures(args.teacher, args.student)
     common.print_config(args, "kd")
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
@@ -117,7 +124,7 @@ if __name__ == "__main__":
     student = common.prepare_model(common.build_model(args.student, data.num_classes), device, args.amp)
     base_lr = common.default_lr(args.student, args.learning_rate)
     optimizer = common.make_sgd(student.parameters(), base_lr, args)  # the teacher is not optimised
-    start_epoch, best, _ = common.resume_state(run_dir, student, optimizer, args.resume)
+    start_epoch, best, _ = common.resume_state(run_dir, student, optimizer, args.resume, args)
     logger = common.Logger(run_dir, args, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
@@ -158,4 +165,4 @@ if __name__ == "__main__":
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(student, data, args.eval_batch_size, args.amp)
-    common.write_summary(run_dir, args, best, last, teacher_top1=teacher_result["top1"])
+    common.write_summary(run_dir, args, best, last, "kd", teacher_top1=teacher_result["top1"])

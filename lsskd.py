@@ -7,7 +7,7 @@ only the abstract and secondary descriptions of the method were available, so mo
 interpretations, each a flag marked [INTERP] in --help (spec: specs/lsskd.md, docs/lsskd.md).
 
 One network, no teacher. HSAKD's auxiliary classifiers (common.AuxiliaryModel) sit after the
-intermediate stages and predict the 400-way class x rotation label (4y + k) of all four rotations
+intermediate stages and predict the 4C-way (400-way on CIFAR-100) class x rotation label (4y + k) of all four rotations
 of every image, with gradients into the backbone. Every head learns from soft targets in the PS-KD
 manner: (1 - alpha_e) * onehot + alpha_e * (the same head's prediction for the same sample and
 rotation in the previous epoch), kept in per-head buffers addressed by dataset index. On top, the
@@ -58,14 +58,17 @@ class Args:
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch (buffers included)"""
+    resume_with_changes: bool = False
+    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
     """run folder name; unset means lsskd_<model>_<dataset>_seed<seed>"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Literal["repdistiller", "sskd", "cifar10"] = "repdistiller"
-    """normalisation constants (specs/README.md section 3) [INTERP: HSAKD's]"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
+    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -246,11 +249,15 @@ def restore_buffer(buffer, checkpoint, key, path):
 
 if __name__ == "__main__":
     args = common.parse_args(Args)
+    args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
+    common.check_architectures(args.model)
     common.print_config(args, "lsskd")
     print("LSSKD has no public code: flags marked [INTERP] in --help are this repository's reading of the "
           "paper (docs/lsskd.md)", flush=True)
     # --- METHOD: the architecture, and map-level feature L2's shapes checked before any data or run folder ---
     arch = "MobileNetV2_hsakd" if args.model == "MobileNetV2" and args.mbv2_variant == "hsakd" else args.model
+    if not common.auxiliary_supported(arch):
+        common.build_auxiliary_model(arch, 10)  # raises the message that lists the supported backbones
     if args.feat_level == "map" and args.lambda_feat:
         check_feature_map_shapes(arch, 10, args.feat_include_last)  # the class count does not change a map
     # --- END METHOD ---
@@ -273,7 +280,7 @@ if __name__ == "__main__":
     # --- END METHOD ---
     base_lr = common.default_lr(arch, args.learning_rate)
     optimizer = common.make_sgd(model.parameters(), base_lr, args)  # backbone and branches
-    start_epoch, best, checkpoint = common.resume_state(run_dir, model.backbone, optimizer, args.resume)
+    start_epoch, best, checkpoint = common.resume_state(run_dir, model.backbone, optimizer, args.resume, args)
     if checkpoint:
         model.auxiliary_classifier.load_state_dict(checkpoint["auxiliary_classifier"])
         for key, buffer in (("final_predictions", final_buffer), ("aux_predictions", aux_buffer)):
@@ -346,5 +353,5 @@ if __name__ == "__main__":
 
     last = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
     heads = common.auxiliary_accuracy(model, data, args.eval_batch_size, args.amp)  # diagnostic only
-    common.write_summary(run_dir, args, best, last, arch=arch, aux_ss_top1=heads["ss_top1"],
+    common.write_summary(run_dir, args, best, last, "lsskd", arch=arch, aux_ss_top1=heads["ss_top1"],
                          aux_class_top1=heads["class_top1"])

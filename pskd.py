@@ -57,14 +57,17 @@ class Args:
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    resume_with_changes: bool = False
+    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
     """run folder name; unset means pskd_<model>_<dataset>_seed<seed> (pskd-off_... with --pskd false)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Literal["repdistiller", "sskd", "cifar10"] = "cifar10"
-    """normalisation constants (specs/README.md section 3); PS-KD uses the CIFAR-10 ones also on CIFAR-100"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
+    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -141,6 +144,8 @@ def restore_predictions(predictions, checkpoint, path):
 
 if __name__ == "__main__":
     args = common.parse_args(Args)
+    args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
+    common.check_architectures(args.model)
     args.model = MODEL_ALIASES.get(args.model, args.model)
     common.print_config(args, "pskd")
     common.seed_everything(args.seed, args.torch_deterministic)
@@ -151,7 +156,7 @@ if __name__ == "__main__":
 
     model = common.prepare_model(common.build_model(args.model, data.num_classes), device, args.amp)
     optimizer = common.make_sgd(model.parameters(), args.learning_rate, args)
-    start_epoch, best, checkpoint = common.resume_state(run_dir, model, optimizer, args.resume)
+    start_epoch, best, checkpoint = common.resume_state(run_dir, model, optimizer, args.resume, args)
     # --- METHOD: the prediction buffer P [N_train, C], zeros at the start; saved in last.pth ---
     predictions = None
     if args.pskd:
@@ -215,4 +220,4 @@ if __name__ == "__main__":
     last = evaluate(model, data, args.eval_batch_size, args.amp)
     calibration = {f"last_{name}": last[name] for name in ("nll", "ece") if name in last}
     calibration.update({f"best_epoch_{name}": best[name] for name in ("nll", "ece") if name in best})
-    common.write_summary(run_dir, args, best, last, **calibration)
+    common.write_summary(run_dir, args, best, last, "pskd", **calibration)

@@ -15,6 +15,7 @@ distribution between rotated and upright copies ("ss"). In the last two terms, t
 which the teacher errs worst are dropped ("selective transfer"). Compared with kd.py: the
 four-copy data pipeline, the two projection heads, the teacher-head stage and `sskd_loss`.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -64,14 +65,17 @@ class Args:
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    resume_with_changes: bool = False
+    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
     """run folder name; unset means sskd_<teacher>_<student>_<dataset>_seed<seed>"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Literal["repdistiller", "sskd", "cifar10"] = "sskd"
-    """normalisation constants (specs/README.md section 3)"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
+    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -94,6 +98,8 @@ class Args:
     """expected teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""
     strict_teacher_check: bool = False
     """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
+    allow_teacher_normalize_mismatch: bool = False
+    """use a teacher whose recorded --normalize differs from this run\'s (warn instead of refusing)"""
     # Teacher projection head (stage 2, specs/sskd.md section 5)
     teacher_head_path: Optional[str] = None
     """trained teacher head (ours, or SSKD's ckpt/teacher.pth) to skip stage 2; unset means the
@@ -327,7 +333,7 @@ def load_teacher_head(path, feat_dim):
     """A head saved by this file ({"head": ...}) or SSKD's ckpt/teacher.pth (wrapper keys proj_head.*)."""
     if not path.is_file():
         raise common.ConfigError(f"teacher head {path} does not exist; unset --teacher-head-path to train one")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = common.load_checkpoint(path, "teacher head", "If it is a cached head, delete it and rerun to train it again.")
     state = checkpoint.get("head") or {name.removeprefix("proj_head."): tensor for name, tensor in
                                        common.extract_state_dict(checkpoint).items() if name.startswith("proj_head.")}
     head = ProjectionHead(feat_dim)
@@ -346,16 +352,18 @@ def get_teacher_head(teacher, teacher_file, data, args, batches, run_dir):
     path = Path(args.teacher_head_path) if args.teacher_head_path else teacher_head_cache_path(args, teacher_file)
     with torch.random.fork_rng(devices=[]):  # heads are built on the CPU; the data has its own generators
         torch.default_generator.manual_seed(args.head_seed)
-        if args.teacher_head_path or path.exists():
-            head, test_ss = load_teacher_head(path, teacher.feat_dim)
-            print(f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""),
-                  flush=True)
-        else:
-            print(f"no teacher head at {path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
-            head, test_ss = train_teacher_head(teacher, data, args, batches, run_dir / "head_metrics.jsonl")
-            common.save_checkpoint(path, {"head": head.state_dict(), "arch": args.teacher, "feat_dim": teacher.feat_dim,
-                                          "teacher_file": str(teacher_file), "test_ss_top1": test_ss,
-                                          "recipe": {name: getattr(args, name) for name in HEAD_RECIPE}})
+        with contextlib.nullcontext() if args.teacher_head_path else common.cache_lock(path):
+            if args.teacher_head_path or path.exists():
+                head, test_ss = load_teacher_head(path, teacher.feat_dim)
+                print(f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""),
+                      flush=True)
+            else:
+                print(f"no teacher head at {path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
+                head, test_ss = train_teacher_head(teacher, data, args, batches, run_dir / "head_metrics.jsonl")
+                common.save_checkpoint(path, {"head": head.state_dict(), "arch": args.teacher,
+                                              "feat_dim": teacher.feat_dim, "teacher_file": str(teacher_file),
+                                              "test_ss_top1": test_ss,
+                                              "recipe": {name: getattr(args, name) for name in HEAD_RECIPE}})
     return head.to(data.test_labels.device).eval().requires_grad_(False), path, test_ss
 
 
@@ -367,13 +375,12 @@ def check_args(args):
         raise common.ConfigError("--kd-T, --tf-T, --ss-T and --head-T must be positive")
     if args.t_epochs < 1 and not args.teacher_head_path:
         raise common.ConfigError("--t-epochs must be at least 1 (or pass a trained --teacher-head-path)")
-    for name in (args.teacher, args.student):  # unknown names fail before any training starts
-        if name not in common.MODEL_NAMES:
-            common.build_model(name, 1)
+    common.check_architectures(args.teacher, args.student)  # unknown names fail before any training starts
 
 
 if __name__ == "__main__":
     args = common.parse_args(Args)
+    args.normalize = args.normalize or common.default_normalize(args.dataset, "sskd")
     common.print_config(args, "sskd")
     check_args(args)
     common.seed_everything(args.seed, args.torch_deterministic)
@@ -397,7 +404,7 @@ if __name__ == "__main__":
     # --- END METHOD ---
     base_lr = common.default_lr(args.student, args.learning_rate)
     optimizer = common.make_sgd(trained_parameters, base_lr, args)
-    start_epoch, best, checkpoint = common.resume_state(run_dir, student, optimizer, args.resume)
+    start_epoch, best, checkpoint = common.resume_state(run_dir, student, optimizer, args.resume, args)
     if checkpoint:  # METHOD: the student's head is part of the training state
         student_head.load_state_dict(checkpoint["student_head"])
     logger = common.Logger(run_dir, args, start_epoch)
@@ -448,5 +455,5 @@ if __name__ == "__main__":
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(student, data, args.eval_batch_size, args.amp)
-    common.write_summary(run_dir, args, best, last, teacher_top1=teacher_result["top1"], teacher_file=str(teacher_file),
+    common.write_summary(run_dir, args, best, last, "sskd", teacher_top1=teacher_result["top1"], teacher_file=str(teacher_file),
                          teacher_head_file=str(head_file), teacher_head_test_ss_top1=head_test_ss)

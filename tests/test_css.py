@@ -235,7 +235,8 @@ def test_defaults_follow_the_code_recipe_and_lr_warms_up_then_decays_at_149_and_
     args = Args()
     assert (args.model_t, args.model_s, args.epochs, args.batch_size, args.branches, args.kd_T) == \
         ("css_resnet110", "css_resnet56", 300, 128, 3, 3.0)
-    assert (args.momentum, args.nesterov, args.weight_decay, args.normalize) == (0.9, False, 5e-4, "cifar10")
+    assert (args.momentum, args.nesterov, args.weight_decay) == (0.9, False, 5e-4)
+    assert args.normalize is None  # css.py resolves it to CSS's CIFAR-10 constants on both datasets
     assert not args.detach_kd_target and not args.detach_ratio and args.mask == "corners" and not args.literal_mask3
     lrs = [common.lr_with_warmup(e, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
            for e in range(args.epochs)]
@@ -252,7 +253,7 @@ def test_css_run_reports_three_accuracies_and_resumes_to_the_weights_of_an_unint
              "--eval-batch-size", 200, "--log-diversity"]
     straight = run_script("css.py", *flags, "--epochs", 2, "--run-name", "straight", cwd=tmp_path)
     stopped = run_script("css.py", *flags, "--epochs", 1, "--run-name", "resumed", cwd=tmp_path)
-    resumed = run_script("css.py", *flags, "--epochs", 2, "--run-name", "resumed", "--resume", cwd=tmp_path)
+    resumed = run_script("css.py", *flags, "--epochs", 2, "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path)
     for result in (straight, stopped, resumed):
         assert result.returncode == 0, result.stderr
     assert "resumed from" in resumed.stdout

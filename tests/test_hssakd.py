@@ -366,7 +366,7 @@ def test_joint_mode_trains_teacher_from_scratch_and_resume_is_exact(tmp_path, ci
     assert not torch.equal(stage1["model"]["backbone.conv1.weight"], untrained["backbone.conv1.weight"])  # trained
 
     stopped = run_script("hssakd.py", *flags, "--epochs", "1", "--run-name", "resumed", cwd=tmp_path)
-    resumed = run_script("hssakd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", cwd=tmp_path)
+    resumed = run_script("hssakd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path)
     for result in (stopped, resumed):
         assert result.returncode == 0, result.stderr
     assert "resumed from" in resumed.stdout and "stage 1:" not in resumed.stdout

@@ -88,7 +88,7 @@ def test_kd_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, 
              "--teacher-path", tmp_path / "runs" / "teacher" / "last.pth", "--lr-milestones", "1"]
     straight = run_script("kd.py", *flags, "--epochs", "2", "--run-name", "straight", cwd=tmp_path)
     stopped = run_script("kd.py", *flags, "--epochs", "1", "--run-name", "resumed", cwd=tmp_path)
-    resumed = run_script("kd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", cwd=tmp_path)
+    resumed = run_script("kd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path)
     for result in (straight, stopped, resumed):
         assert result.returncode == 0, result.stderr
     assert "resumed from" in resumed.stdout

@@ -1,0 +1,360 @@
+"""Run a grid of experiments (methods x teacher-student pairs x seeds), each the unchanged method script in
+its own process, then aggregate it with tools/report.py.
+
+    python tools/sweep.py --preset cpu-demo -- --data-dir /path/to/cifar10
+    python tools/sweep.py --methods kd sskd --pairs resnet56:resnet20 --seeds 1 2 3 -- --epochs 240
+    python tools/sweep.py --preset cifar100-all --devices cuda:0,cuda:1 --jobs-per-device 4
+    python tools/sweep.py --preset kd-cifar100 --slurm kd.sbatch      # write a SLURM array job instead
+    python tools/sweep.py --preset cpu-demo --dry-run                 # print the commands only
+
+Every run gets a name derived from its grid point (method, variant, models, dataset, seed, and a digest of
+the extra flags when there are any) and a folder <output-dir>/<name>. A run whose summary.json exists is
+skipped; one with a last.pth is continued with --resume; a failed run is reported with its log
+(<output-dir>/logs/<name>.log) and the others go on. Teacher stages that several runs need (a missing CE
+teacher, SSKD's teacher head, HSAKD's stage 1) are trained once: the method scripts lock each cache file,
+so concurrent runs wait for the first one instead of training it again. On the CPU the cores are divided
+between concurrent runs (torch threads per run), never oversubscribed.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import common  # noqa: E402  (the zoo names and the process helper; importing it has no side effects)
+
+METHODS = ("baseline", "kd", "sskd", "hssakd", "pskd", "lsskd", "css")
+DISTILLATION = ("kd", "sskd", "hssakd")  # need a teacher -> student pair
+
+
+class SweepError(ValueError):
+    """Bad input, printed as one line before anything runs."""
+
+
+@dataclass
+class Run:
+    """One grid point: `python <method>.py <flags> --seed S --run-name <name>`."""
+    method: str
+    flags: list
+    seed: int
+    name: str
+    status: str = "left"  # left | skipped | running | done | failed
+    log: Path = None
+    process: subprocess.Popen = None
+    started: float = 0.0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def command(self, output_dir, device=None, resume=False):
+        command = [sys.executable, str(REPO / f"{self.method}.py"), *self.flags, "--seed", str(self.seed),
+                   "--output-dir", str(output_dir), "--run-name", self.name]
+        if device:
+            command += ["--device", device]
+        return command + (["--resume"] if resume else [])
+
+
+# Extra flags that say where things are or how a run is watched; they do not change what is trained, so
+# they stay out of the run name (the same grid run from another data folder finds its finished runs).
+BOOKKEEPING_FLAGS = ("--data-dir", "--device", "--checkpoint-dir", "--eval-batch-size", "--tensorboard", "--track",
+                     "--wandb-project")
+
+
+def training_flags(extra_flags):
+    """The extra flags without the bookkeeping ones (and their values)."""
+    kept, skip_value = [], False
+    for token in extra_flags:
+        if skip_value and not token.startswith("--"):
+            skip_value = False
+            continue
+        skip_value = token.split("=")[0] in BOOKKEEPING_FLAGS
+        if not skip_value:
+            kept.append(token)
+    return kept
+
+
+def run_name(method, tag, models, dataset, seed, extra_flags):
+    """<method>[-<tag>]_<models>_<dataset>_seed<seed>[_<digest of the extra training flags>]: different flags
+    never share a folder, so skip-if-finished cannot mistake one grid's run for another's."""
+    flags = training_flags(extra_flags)
+    digest = "_" + hashlib.sha1(json.dumps(flags).encode()).hexdigest()[:8] if flags else ""
+    return f"{method}{'-' + tag if tag else ''}_{models}_{dataset}_seed{seed}{digest}"
+
+
+def check_model(name, valid):
+    if name not in valid:
+        raise SweepError(f"unknown model {name!r}; choose one of: {', '.join(valid)}")
+
+
+def grid_point(method, pair, dataset, tag="", variant_flags=()):
+    """(flags, models label) of one method on one pair. Teacher-free methods train the pair's student (pskd,
+    lsskd, baseline); css trains both networks of the pair together (CSS names only)."""
+    teacher, student = pair
+    if method in DISTILLATION:
+        check_model(teacher, common.MODEL_NAMES)
+        check_model(student, common.MODEL_NAMES)
+        flags, models = ["--teacher", teacher, "--student", student], f"{teacher}-{student}"
+    elif method == "css":
+        if teacher not in common.CSS_RESNETS or student not in common.CSS_RESNETS:
+            raise SweepError(f"css trains two CSS networks together: give --pairs NET1:NET2 with names from "
+                             f"{', '.join(common.CSS_RESNETS)} (got {teacher}:{student})")
+        flags, models = ["--model-t", teacher, "--model-s", student], f"{teacher}-{student}"
+    else:
+        check_model(student, common.MODEL_NAMES)
+        flags, models = ["--model", student], student
+    return ["--dataset", dataset, *flags, *variant_flags], models
+
+
+def parse_pair(text):
+    teacher, colon, student = text.partition(":")
+    if not colon or not teacher or not student or ":" in student:
+        raise SweepError(f"malformed pair {text!r}: write TEACHER:STUDENT, e.g. resnet56:resnet20")
+    return teacher, student
+
+
+# ---- presets ----
+
+
+def published_presets():
+    """One preset per method with a published CIFAR-100 table in docs/published.json: that table's pairs, 3
+    seeds, the method's own defaults (the paper's recipe); each published result's arguments are a variant."""
+    presets = {}
+    for table in json.loads((REPO / "docs" / "published.json").read_text()):
+        points = presets.setdefault(f"{table['method']}-{table['dataset']}", [])
+        for row in table["rows"]:
+            for result in row["results"]:
+                pair = (row.get("teacher"), row.get("student") or row.get("model"))
+                variant = [token for name, value in result["args"].items()
+                           for token in (f"--{name.replace('_', '-')}", str(value).lower())]
+                tag = "-".join(str(value) for name, value in result["args"].items() if name == "teacher_mode")
+                points.append((table["method"], pair, table["dataset"], tag, variant))
+    return presets
+
+
+# cpu-demo: every method on CIFAR-10 at a scale a 2-core CPU finishes in about an hour (2 seeds), each beside
+# its matched baseline. Measured wall time: README, "Reproducing the tables".
+CPU_DEMO_RECIPE = ["--train-subset", "5000", "--epochs", "15", "--lr-milestones", "10", "--amp"]
+CPU_DEMO = [
+    # method, (teacher, student), tag, method flags
+    ("baseline", ("resnet20", "resnet8"), "", []),
+    ("kd", ("resnet20", "resnet8"), "", ["--ce-teacher-epochs", "15"]),
+    ("sskd", ("resnet20", "resnet8"), "", ["--ce-teacher-epochs", "15", "--t-epochs", "5", "--t-milestones", "3"]),
+    ("hssakd", ("resnet20", "resnet8"), "", ["--ce-teacher-epochs", "15", "--teacher-epochs", "5",
+                                             "--teacher-milestones", "3"]),
+    ("pskd", ("", "resnet8"), "", []),
+    ("pskd", ("", "resnet8"), "ce", ["--pskd", "false"]),
+    ("lsskd", ("", "resnet8"), "", []),
+    ("lsskd", ("", "resnet8"), "floor", ["--alpha-T", "0", "--lambda-kl", "0", "--lambda-feat", "0"]),
+    ("css", ("css_resnet56", "css_resnet56"), "", ["--epochs", "6", "--warmup-epochs", "1", "--lr-milestones", "4",
+                                                   "--train-subset", "2500"]),
+    ("css", ("css_resnet56", "css_resnet56"), "ce", ["--epochs", "6", "--warmup-epochs", "1", "--lr-milestones", "4",
+                                                     "--train-subset", "2500", "--distill", "false"]),
+]
+
+
+def presets():
+    found = published_presets()
+    found["cifar100-all"] = [point for name, points in sorted(found.items()) for point in points]
+    found["cpu-demo"] = [(method, pair, "cifar10", tag, [*CPU_DEMO_RECIPE, *flags]) for method, pair, tag, flags in CPU_DEMO]
+    return found
+
+
+def build_runs(points, seeds, extra_flags):
+    runs, names = [], set()
+    for method, pair, dataset, tag, variant in points:
+        flags, models = grid_point(method, pair, dataset, tag, variant)
+        for seed in seeds:
+            name = run_name(method, tag, models, dataset, seed, extra_flags)
+            if name not in names:
+                names.add(name)
+                runs.append(Run(method, [*flags, *extra_flags], seed, name))
+    return runs
+
+
+# ---- running ----
+
+
+def threads_per_run(devices, jobs_per_device):
+    """CPU threads of each run: the cores divided between all concurrent runs, at least one."""
+    return max(1, (os.cpu_count() or 1) // (len(devices) * jobs_per_device))
+
+
+class Status:
+    """One live line: done / running / failed / left (skipped), and an ETA from the runs finished so far."""
+
+    def __init__(self, runs, slots):
+        self.runs, self.slots, self.start, self.last = runs, slots, time.time(), ""
+        self.tty = sys.stdout.isatty()
+
+    def line(self):
+        count = lambda status: sum(run.status == status for run in self.runs)
+        finished = [run.seconds for run in self.runs if run.status in ("done", "failed") and run.seconds]
+        left, running = count("left"), count("running")
+        eta = "?"
+        if finished:
+            per_run = sum(finished) / len(finished)
+            eta = common.format_seconds(per_run * (left + running / 2) / self.slots)
+        return (f"[sweep] done {count('done')} | running {running} | failed {count('failed')} | left {left}"
+                f" | skipped {count('skipped')} | elapsed {common.format_seconds(time.time() - self.start)} | eta {eta}")
+
+    def show(self, force=False):
+        line = self.line()
+        if line != self.last or force:
+            print(("\r" + line.ljust(110)) if self.tty else line, end="" if self.tty else "\n", flush=True)
+            self.last = line
+
+    def say(self, message):
+        print(("\r" + " " * 110 + "\r") if self.tty else "", end="")
+        print(message, flush=True)
+        self.show(force=True)
+
+
+def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
+    """Run everything not finished, keeping jobs_per_device runs going on each device. Returns the runs."""
+    output_dir, logs = Path(output_dir), Path(output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        if (output_dir / run.name / "summary.json").exists():
+            run.status = "skipped"
+    slots = [device for device in devices for _ in range(jobs_per_device)]
+    free = list(slots)
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    threads = str(threads_per_run(devices, jobs_per_device))
+    environment.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    status = Status(runs, len(slots))
+    status.show(force=True)
+    try:
+        while any(run.status in ("left", "running") for run in runs):
+            for run in runs:
+                if run.status == "running" and run.process.poll() is not None:
+                    run.seconds, run.status = time.time() - run.started, "done" if run.process.returncode == 0 else "failed"
+                    free.append(run.extra["device"])
+                    run.extra["log_file"].close()
+                    if run.status == "failed":
+                        status.say(f"failed: {run.name} (exit {run.process.returncode}); log: {run.log}")
+            for run in runs:
+                if run.status == "left" and free:
+                    device = free.pop(0)
+                    resume = (output_dir / run.name / "last.pth").exists()
+                    command = run.command(output_dir, None if device == "cpu" else device, resume)
+                    run.log = logs / f"{run.name}.log"
+                    log_file = open(run.log, "a")
+                    log_file.write(f"+ {shlex.join(command)}\n")
+                    log_file.flush()
+                    run.process = subprocess.Popen(command, env=environment, stdout=log_file,
+                                                   stderr=subprocess.STDOUT,
+                                                   preexec_fn=common.die_with_parent(os.getpid()))
+                    run.status, run.started, run.extra = "running", time.time(), {"device": device, "log_file": log_file}
+            status.show()
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        for run in runs:
+            if run.status == "running":
+                run.process.send_signal(signal.SIGINT)  # each run keeps its finished epochs
+        for run in runs:
+            if run.status == "running":
+                run.process.wait()
+        status.say("interrupted: rerun the same command to continue (finished runs are skipped, the others resume)")
+        raise SystemExit(130)
+    status.show(force=True)
+    if status.tty:
+        print()
+    return runs
+
+
+# ---- SLURM ----
+
+
+def slurm_script(runs, output_dir, extra_sbatch=()):
+    """A SLURM array job, one index per run, with the same commands and the same skip/resume rules."""
+    lines = ["#!/bin/bash", "# Written by tools/sweep.py: one array index per run of the grid.",
+             f"#SBATCH --array=0-{len(runs) - 1}", "#SBATCH --job-name=kd-sweep", "#SBATCH --gres=gpu:1",
+             "#SBATCH --cpus-per-task=4", f"#SBATCH --output={Path(output_dir) / 'logs'}/slurm_%A_%a.log",
+             *[f"#SBATCH {option}" for option in extra_sbatch], "set -euo pipefail",
+             f"cd {shlex.quote(os.getcwd())}", f"OUT={shlex.quote(str(output_dir))}", "NAMES=("]
+    lines += [f"  {shlex.quote(run.name)}" for run in runs] + [")", "COMMANDS=("]
+    lines += [f"  {shlex.quote(shlex.join(run.command(output_dir)))}" for run in runs] + [")"]
+    lines += ['name=${NAMES[$SLURM_ARRAY_TASK_ID]}',
+              'if [ -f "$OUT/$name/summary.json" ]; then echo "$name is finished; skipping"; exit 0; fi',
+              'resume=""',
+              'if [ -f "$OUT/$name/last.pth" ]; then resume="--resume"; fi',
+              'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]} $resume"']
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="a named grid: " + ", ".join(sorted(presets())))
+    parser.add_argument("--methods", nargs="+", help=f"methods of an explicit grid: {', '.join(METHODS)}")
+    parser.add_argument("--pairs", nargs="+", default=[], help="TEACHER:STUDENT pairs (teacher-free methods train the student)")
+    parser.add_argument("--dataset", default="cifar100", choices=("cifar100", "cifar10"), help="for an explicit grid")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 1 2 3; cpu-demo: 1 2)")
+    parser.add_argument("--output-dir", default="runs", help="parent folder of the run folders and logs/")
+    parser.add_argument("--devices", default="cpu", help="comma-separated: cpu, or cuda:0,cuda:1,...")
+    parser.add_argument("--jobs-per-device", type=int, default=1, help="runs kept going at once on each device")
+    parser.add_argument("--slurm", metavar="FILE", help="write a SLURM array-job script to FILE instead of running")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    options = parser.parse_args(argv)
+    try:
+        runs = runs_from_options(options, extra_flags)
+        devices = [device.strip() for device in options.devices.split(",") if device.strip()]
+        if options.jobs_per_device < 1 or not devices:
+            raise SweepError("--jobs-per-device must be at least 1 and --devices must name a device")
+        for device in devices:
+            if device != "cpu" and not device.startswith("cuda"):
+                raise SweepError(f"unknown device {device!r}: use cpu or cuda:N")
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    output_dir = Path(options.output_dir).resolve()
+    if options.slurm:
+        Path(options.slurm).write_text(slurm_script(runs, output_dir))
+        print(f"wrote {options.slurm}: {len(runs)} array tasks; submit with: sbatch {options.slurm}")
+        return 0
+    if options.dry_run:
+        for run in runs:
+            done = (output_dir / run.name / "summary.json").exists()
+            resume = (output_dir / run.name / "last.pth").exists()
+            print(("# finished: " if done else "") + shlex.join(run.command(output_dir, resume=resume and not done)))
+        return 0
+    finished = run_grid(runs, output_dir, devices, options.jobs_per_device)
+    failed = [run for run in finished if run.status == "failed"]
+    print(f"{len(finished) - len(failed)} of {len(finished)} runs finished; "
+          f"aggregate with: python tools/report.py {options.output_dir}")
+    for run in failed:
+        print(f"failed: {run.name}; log: {run.log}")
+    return 1 if failed else 0
+
+
+def runs_from_options(options, extra_flags):
+    if bool(options.preset) == bool(options.methods):
+        raise SweepError("give either --preset NAME or --methods ... --pairs ...")
+    if options.preset:
+        known = presets()
+        if options.preset not in known:
+            raise SweepError(f"unknown preset {options.preset!r}; choose one of: {', '.join(sorted(known))}")
+        seeds = options.seeds or ([1, 2] if options.preset == "cpu-demo" else [1, 2, 3])
+        return build_runs(known[options.preset], seeds, extra_flags)
+    unknown = [method for method in options.methods if method not in METHODS]
+    if unknown:
+        raise SweepError(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
+    if not options.pairs:
+        raise SweepError("an explicit grid needs --pairs TEACHER:STUDENT (teacher-free methods train the student)")
+    pairs = [parse_pair(text) for text in options.pairs]
+    points = [(method, pair, options.dataset, "", []) for method in options.methods for pair in pairs]
+    return build_runs(points, options.seeds or [1, 2, 3], extra_flags)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ the median images/s per configuration is printed.
   python benchmarks/speed_kd.py --dataset cifar10 --data-dir /tmp/cifar10
 """
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -70,8 +71,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; unset means cuda when available")
+    parser.add_argument("--json", metavar="FILE", help="also write the medians to FILE")
     options = parser.parse_args()
-    device = common.get_device()
+    device = common.get_device(options.device)
     torch.manual_seed(0)
 
     images, labels, _, _ = common.load_cifar(options.dataset, options.data_dir)
@@ -90,7 +93,8 @@ def main():
     configs = {}
     for workers in options.workers:
         loader = torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, shuffle=True,
-                                             num_workers=workers, persistent_workers=workers > 0)
+                                             num_workers=workers, persistent_workers=workers > 0,
+                                             pin_memory=device.type == "cuda")  # as the official scripts on GPUs
         configs[f"dataloader/w{workers}"] = (endless(lambda loader=loader: iter(loader)), False)
     configs["ours/fp32"] = (ours(False), False)
     configs["ours/amp"] = (ours(True), True)
@@ -112,7 +116,8 @@ def main():
                         torch.cuda.synchronize()
                     start, seen = time.time(), 0
                 images_batch, labels_batch, _ = next(batches)
-                images_batch, labels_batch = images_batch.to(device), labels_batch.to(device)
+                images_batch = images_batch.to(device, non_blocking=True)
+                labels_batch = torch.as_tensor(labels_batch).to(device, non_blocking=True)
                 if amp:
                     images_batch = images_batch.contiguous(memory_format=torch.channels_last)
                 kd_step(student, teacher, optimizer, images_batch, labels_batch, device, amp)
@@ -129,6 +134,11 @@ def main():
     for name, values in results.items():
         median = statistics.median(values)
         print(f"{name:16s} {median:8.0f} img/s  {median / reference:5.2f}x the fastest DataLoader")
+    if options.json:
+        Path(options.json).write_text(json.dumps({
+            "benchmark": "speed_kd", "device": str(device), **common.runtime_info(device),
+            "pair": f"{options.teacher}->{options.student}", "batch_size": options.batch_size,
+            "images_per_s": {name: statistics.median(values) for name, values in results.items()}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

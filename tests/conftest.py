@@ -1,8 +1,7 @@
-"""Shared fixtures: miniature CIFAR-10 and CIFAR-100 folders in the official python pickle layout,
-so tests exercise the real loading path (common.load_cifar) without internet access."""
+"""Shared fixtures: miniature CIFAR-10 and CIFAR-100 folders in the official python pickle layout
+(tools/synthetic_cifar.py), so tests exercise the real loading path (common.load_cifar) without internet."""
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,49 +11,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+from synthetic_cifar import write_cifar10, write_cifar100  # noqa: E402
 
 TRAIN_IMAGES, TEST_IMAGES = 320, 200
-
-
-def make_split(rng, count, num_classes, palette):
-    """Images whose mean colour depends on the class, plus noise: a few epochs can learn them, so a
-    training run that mixes up images and labels shows up as chance accuracy."""
-    labels = rng.integers(0, num_classes, count)
-    noise = rng.normal(0.0, 25.0, (count, 3, 32, 32))
-    images = np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
-    return images.reshape(count, 3072), labels.tolist()
-
-
-def dump(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def write_cifar10(root, rng):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    palette = rng.uniform(20, 235, (10, 3))
-    images, labels = make_split(rng, TRAIN_IMAGES, 10, palette)
-    for k, chunk in enumerate(np.array_split(np.arange(TRAIN_IMAGES), 5)):  # data_batch_1..5 like the release
-        dump(folder / f"data_batch_{k + 1}", {"batch_label": f"training batch {k + 1} of 5",
-                                              "labels": [labels[i] for i in chunk], "data": images[chunk],
-                                              "filenames": [f"{i}.png" for i in chunk]})
-    images, labels = make_split(rng, TEST_IMAGES, 10, palette)
-    dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": labels, "data": images,
-                                 "filenames": [f"{i}.png" for i in range(TEST_IMAGES)]})
-    dump(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072})
-
-
-def write_cifar100(root, rng):
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    palette = rng.uniform(20, 235, (100, 3))
-    for split, count in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
-        images, labels = make_split(rng, count, 100, palette)
-        dump(folder / split, {"filenames": [f"{i}.png" for i in range(count)], "batch_label": split,
-                              "fine_labels": labels, "coarse_labels": [y // 5 for y in labels], "data": images})
-    dump(folder / "meta", {"fine_label_names": [f"class{i}" for i in range(100)],
-                           "coarse_label_names": [f"super{i}" for i in range(20)]})
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +22,8 @@ def cifar_dir(tmp_path_factory):
     """A data dir holding both miniature datasets (320 train / 200 test images each)."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    write_cifar10(root, rng)
-    write_cifar100(root, rng)
+    write_cifar10(root, rng, TRAIN_IMAGES, TEST_IMAGES)
+    write_cifar100(root, rng, TRAIN_IMAGES, TEST_IMAGES)
     return root
 
 

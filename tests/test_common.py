@@ -181,3 +181,18 @@ def test_loading_a_checkpoint_does_not_shift_the_seeded_stream(tmp_path):
     after_load = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after_load, torch.rand(3))  # a student built next gets the same init as without a teacher
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 8, 8), (8, 1280, 2, 2), (4, 2048, 4, 4), (3, 464, 4, 4)])
+def test_global_average_is_adaptive_avg_pool_bit_for_bit_forward_and_backward(shape):
+    """common.global_average replaces adaptive_avg_pool2d(x, 1) (deterministic CUDA backward); on the CPU
+    it must not change a single bit of any run."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator, requires_grad=True)
+    upstream = torch.randn(shape[0], shape[1], generator=generator)
+    reference = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1)
+    reference.backward(upstream)
+    reference_grad, x.grad = x.grad.clone(), None
+    ours = common.global_average(x)
+    ours.backward(upstream)
+    assert torch.equal(ours, reference) and torch.equal(x.grad, reference_grad)

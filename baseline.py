@@ -9,6 +9,7 @@ so baselines and teachers share one code path. `--eval-checkpoint FILE` evaluate
 """
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal, Optional, Tuple
 
 import torch
@@ -50,7 +51,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
@@ -72,6 +73,12 @@ class Args:
     """W&B project name, with --track"""
     eval_checkpoint: Optional[str] = None
     """evaluate this checkpoint (any supported format) on the test set and exit"""
+    # Teacher
+    checkpoint_dir: str = "checkpoints"
+    """where trained teachers are cached"""
+    cache_as_teacher: bool = False
+    """after training, also save the last-epoch weights where kd.py, sskd.py and hssakd.py look for this
+    teacher (<checkpoint-dir>/<dataset>/<model>...pth, named for --epochs, --train-subset, --normalize)"""
 
 
 if __name__ == "__main__":
@@ -130,3 +137,13 @@ if __name__ == "__main__":
 
     last = common.evaluate(model, data, args.eval_batch_size, args.amp)
     common.write_summary(run_dir, args, best, last, "baseline")
+    if args.cache_as_teacher:  # the name kd.py's --ce-teacher-epochs/--train-subset/--normalize look up
+        teacher_args = SimpleNamespace(teacher=args.model, dataset=args.dataset, ce_teacher_epochs=args.epochs,
+                                       train_subset=args.train_subset, normalize=args.normalize,
+                                       checkpoint_dir=args.checkpoint_dir)
+        cache = common.teacher_cache_path(teacher_args)
+        if cache.exists():
+            print(f"{cache} already exists and was left as it is", flush=True)
+        else:
+            common.save_checkpoint(cache, common.model_payload(model, args.epochs, last, args))
+            print(f"cached as the teacher {cache}", flush=True)

@@ -63,7 +63,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None

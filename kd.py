@@ -56,7 +56,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
@@ -89,7 +89,7 @@ class Args:
     strict_teacher_check: bool = False
     """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
     allow_teacher_normalize_mismatch: bool = False
-    """use a teacher whose recorded --normalize differs from this run\'s (warn instead of refusing)"""
+    """use a teacher whose recorded --normalize differs from this run's (warn instead of refusing)"""
     # KD (specs/kd.md section 1)
     kd_T: float = 4.0
     """softmax temperature T of the KD term"""

@@ -58,7 +58,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
@@ -145,7 +145,7 @@ def restore_predictions(predictions, checkpoint, path):
 if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
-    common.check_architectures(args.model)
+    common.check_architectures(args.model, valid=common.MODEL_NAMES + tuple(MODEL_ALIASES))
     args.model = MODEL_ALIASES.get(args.model, args.model)
     common.print_config(args, "pskd")
     common.seed_everything(args.seed, args.torch_deterministic)

@@ -66,7 +66,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run\'s (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
@@ -99,7 +99,7 @@ class Args:
     strict_teacher_check: bool = False
     """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
     allow_teacher_normalize_mismatch: bool = False
-    """use a teacher whose recorded --normalize differs from this run\'s (warn instead of refusing)"""
+    """use a teacher whose recorded --normalize differs from this run's (warn instead of refusing)"""
     # Teacher projection head (stage 2, specs/sskd.md section 5)
     teacher_head_path: Optional[str] = None
     """trained teacher head (ours, or SSKD's ckpt/teacher.pth) to skip stage 2; unset means the

@@ -437,7 +437,7 @@ def test_everything_switched_off_trains_exactly_like_hsakds_joint_teacher(tmp_pa
                       "--lambda-feat", "0", "--aux-soft-targets", "false", "--final-soft-targets", "false",
                       "--run-name", "hsakd_like", cwd=tmp_path)
     theirs = run_script("hssakd.py", *common_flags, "--teacher", "resnet8", "--student", "resnet8", "--teacher-mode",
-                        "joint", "--teacher-epochs", "1", "--epochs", "0", cwd=tmp_path)
+                        "joint", "--teacher-epochs", "1", "--epochs", "1", cwd=tmp_path)
     for result in (ours, theirs):
         assert result.returncode == 0, result.stderr
     a = load_run(tmp_path / "runs" / "hsakd_like")

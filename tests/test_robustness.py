@@ -365,3 +365,15 @@ def test_epochs_are_one_based_on_screen_in_metrics_and_in_summary(tmp_path, cifa
     assert [row["epoch"] for row in rows] == [1, 2] and "epoch 1/2" in result.stdout and "epoch 2/2" in result.stdout
     best_row = max(rows, key=lambda row: (row["test/top1"], -row["epoch"]))
     assert summary["best_epoch"] == best_row["epoch"]
+
+
+def test_baseline_takes_checkpoint_dir_and_can_cache_its_model_as_the_teacher(tmp_path, cifar_dir):
+    data = ["--data-dir", cifar_dir, "--train-subset", "32", "--epochs", "1", "--checkpoint-dir", tmp_path / "cache"]
+    trained = run_script("baseline.py", *data, "--model", "resnet8", "--cache-as-teacher", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    cached = tmp_path / "cache" / "cifar100" / "resnet8_e1_n32.pth"
+    assert cached.exists()
+    distilled = run_script("kd.py", *data, "--teacher", "resnet8", "--student", "resnet8", "--ce-teacher-epochs", "1",
+                           cwd=tmp_path)
+    assert distilled.returncode == 0 and f"teacher resnet8 from {cached}" in distilled.stdout
+    assert "training one with baseline.py" not in distilled.stdout

@@ -215,7 +215,7 @@ def test_teacher_head_loads_from_sskd_wrapper_checkpoints_and_rejects_wrong_size
 
 
 def test_head_cache_sits_beside_the_teacher_and_changes_with_teacher_and_recipe(tmp_path):
-    args = sskd.Args(teacher="resnet56", checkpoint_dir=str(tmp_path), ce_teacher_epochs=1)
+    args = sskd.Args(teacher="resnet56", checkpoint_dir=str(tmp_path), ce_teacher_epochs=1, normalize="sskd")
     teacher_file = tmp_path / "teacher.pth"
     teacher_file.write_bytes(b"one")
     path = sskd.teacher_head_cache_path(args, teacher_file)
@@ -277,7 +277,7 @@ def test_gpu_pipeline_rotates_one_augmented_image():
 
 
 def test_head_stage_changes_only_the_head(cifar_dir, tmp_path):
-    args = sskd.Args(dataset="cifar10", data_dir=str(cifar_dir), t_epochs=1, train_subset=128)
+    args = sskd.Args(dataset="cifar10", data_dir=str(cifar_dir), t_epochs=1, train_subset=128, normalize="cifar10")
     data = common.load_data(args, torch.device("cpu"))
     teacher = common.build_model("resnet8", 10)  # gradients left on: the stage itself must protect it
     teacher.train()  # the stage must switch it to eval, or BN statistics would move

@@ -208,10 +208,13 @@ class Status:
                 f" | skipped {count('skipped')} | elapsed {common.format_seconds(time.time() - self.start)} | eta {eta}")
 
     def show(self, force=False):
+        """On a terminal the line is redrawn in place; in a log file a new line is written only when a
+        run starts, ends or fails (or once a minute), not for every tick of the clock."""
         line = self.line()
-        if line != self.last or force:
+        counts = line.split(" | elapsed")[0] + f" {int(time.time() - self.start) // 60}"
+        if force or (self.tty and line != self.last) or (not self.tty and counts != self.last):
             print(("\r" + line.ljust(110)) if self.tty else line, end="" if self.tty else "\n", flush=True)
-            self.last = line
+            self.last = line if self.tty else counts
 
     def say(self, message):
         print(("\r" + " " * 110 + "\r") if self.tty else "", end="")

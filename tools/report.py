@@ -16,7 +16,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import statistics
 import sys
 from pathlib import Path

@@ -7,6 +7,7 @@ the cross-entropy of its logits with the hard labels. Every "Student" row of the
 from this recipe, and the distillation files call this script to train a teacher they cannot find,
 so baselines and teachers share one code path. `--eval-checkpoint FILE` evaluates any saved model.
 """
+
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -129,8 +130,15 @@ if __name__ == "__main__":
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
-        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
-                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics.update(
+            {
+                "lr": lr,
+                "test/top1": result["top1"],
+                "test/top5": result["top5"],
+                "test/best_top1": best["top1"],
+                "speed/images_per_s": images_per_s,
+            }
+        )
         logger.log(epoch, metrics)
         common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args))
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
@@ -138,9 +146,14 @@ if __name__ == "__main__":
     last = common.evaluate(model, data, args.eval_batch_size, args.amp)
     common.write_summary(run_dir, args, best, last, "baseline")
     if args.cache_as_teacher:  # the name kd.py's --ce-teacher-epochs/--train-subset/--normalize look up
-        teacher_args = SimpleNamespace(teacher=args.model, dataset=args.dataset, ce_teacher_epochs=args.epochs,
-                                       train_subset=args.train_subset, normalize=args.normalize,
-                                       checkpoint_dir=args.checkpoint_dir)
+        teacher_args = SimpleNamespace(
+            teacher=args.model,
+            dataset=args.dataset,
+            ce_teacher_epochs=args.epochs,
+            train_subset=args.train_subset,
+            normalize=args.normalize,
+            checkpoint_dir=args.checkpoint_dir,
+        )
         cache = common.teacher_cache_path(teacher_args)
         if cache.exists():
             print(f"{cache} already exists and was left as it is", flush=True)

@@ -4,6 +4,7 @@ in this file; nobody needs to read it to understand a method.
 
 Sections: DATA | BACKBONES | TRAINING UTILITIES | RUN BOOKKEEPING
 """
+
 import argparse
 import ast
 import contextlib
@@ -40,10 +41,22 @@ class ConfigError(ValueError):
 
 # Official python-version layout of each dataset (what torchvision downloads and extracts).
 DATASETS = {
-    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
-                    test=["test_batch"], label_key="labels", num_classes=10, torchvision_class="CIFAR10"),
-    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"],
-                     label_key="fine_labels", num_classes=100, torchvision_class="CIFAR100"),
+    "cifar10": dict(
+        folder="cifar-10-batches-py",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        label_key="labels",
+        num_classes=10,
+        torchvision_class="CIFAR10",
+    ),
+    "cifar100": dict(
+        folder="cifar-100-python",
+        train=["train"],
+        test=["test"],
+        label_key="fine_labels",
+        num_classes=100,
+        torchvision_class="CIFAR100",
+    ),
 }
 
 # Normalisation constants of each official code base (specs/README.md section 3).
@@ -55,8 +68,10 @@ NORMALIZE = {
 
 
 # Data the CIFAR archives are fetched from when missing (torchvision's URLs and archive names).
-ARCHIVES = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-            "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+ARCHIVES = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
 
 
 def default_normalize(dataset, cifar100_recipe):
@@ -75,6 +90,7 @@ def same_normalization(name_a, name_b, tolerance=1e-3):
 @dataclasses.dataclass
 class CifarData:
     """Train and test sets as uint8 [N, 3, 32, 32] tensors on the training device."""
+
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
@@ -100,15 +116,23 @@ def _missing_files(dataset, data_dir):
 def _download(dataset, data_dir):
     """Let torchvision fetch and extract the official archive; it checks the archive's md5."""
     import torchvision  # only needed here; imported lazily to keep start-up fast
+
     getattr(torchvision.datasets, DATASETS[dataset]["torchvision_class"])(data_dir, train=True, download=True)
 
 
 class _CifarUnpickler(pickle.Unpickler):
     """CIFAR's python batches are pickles: a dict of bytes, lists and one numpy array. Only numpy's
     array-rebuilding functions may be looked up, so a tampered batch cannot run code while loading."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # protocol-2 bytes from Python 3
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }  # protocol-2 bytes from Python 3
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -126,12 +150,16 @@ def _read_batches(folder, names, label_key):
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(int(label) for label in batch[label_key])
         except Exception as err:  # truncated, garbage, tampered or re-packed wrongly: one message for all
-            raise ConfigError(f"{path} is not a readable CIFAR python batch ({type(err).__name__}: {err}). "
-                              f"Nothing in it was run. Delete the folder {folder} and let it download again, "
-                              f"or put the official files there.") from None
+            raise ConfigError(
+                f"{path} is not a readable CIFAR python batch ({type(err).__name__}: {err}). "
+                f"Nothing in it was run. Delete the folder {folder} and let it download again, "
+                f"or put the official files there."
+            ) from None
         if len(labels) != sum(len(part) for part in images):
-            raise ConfigError(f"{path} holds {len(images[-1])} images but a different number of labels; "
-                              f"delete the folder {folder} and let it download again")
+            raise ConfigError(
+                f"{path} holds {len(images[-1])} images but a different number of labels; "
+                f"delete the folder {folder} and let it download again"
+            )
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -158,15 +186,20 @@ def load_cifar(dataset, data_dir, download=True):
         if missing and created and Path(data_dir).is_dir() and not any(Path(data_dir).iterdir()):
             Path(data_dir).rmdir()  # leave no empty folder behind a failed download
     if missing:
-        why = (f"downloading it failed ({download_error})" if download_error else
-               "no download was attempted (KD_NO_DOWNLOAD is set)" if os.environ.get("KD_NO_DOWNLOAD") else
-               "no download was attempted")
+        why = (
+            f"downloading it failed ({download_error})"
+            if download_error
+            else "no download was attempted (KD_NO_DOWNLOAD is set)"
+            if os.environ.get("KD_NO_DOWNLOAD")
+            else "no download was attempted"
+        )
         archive = ARCHIVES[dataset]
         raise ConfigError(
             f"{dataset} not found: missing {', '.join(missing)}; {why}. Offline, download {archive} "
             f"({archive.rsplit('/', 1)[1]}) on a machine with internet access and unpack it into --data-dir "
             f"{data_dir}, so that {info['folder']}/ holds {', '.join(info['train'] + info['test'])}; set "
-            f"KD_NO_DOWNLOAD=1 to never try a download.")
+            f"KD_NO_DOWNLOAD=1 to never try a download."
+        )
     folder = Path(data_dir) / info["folder"]
     train_images, train_labels = _read_batches(folder, info["train"], info["label_key"])
     test_images, test_labels = _read_batches(folder, info["test"], info["label_key"])
@@ -178,17 +211,25 @@ def load_data(args, device):
     train_subset, amp)."""
     train_images, train_labels, test_images, test_labels = load_cifar(args.dataset, args.data_dir)
     if args.train_subset and args.train_subset > len(train_labels):
-        raise ConfigError(f"--train-subset {args.train_subset} is larger than the {len(train_labels)} training "
-                          f"images of {args.dataset}; leave it unset to train on all of them")
+        raise ConfigError(
+            f"--train-subset {args.train_subset} is larger than the {len(train_labels)} training "
+            f"images of {args.dataset}; leave it unset to train on all of them"
+        )
     if args.train_subset:  # quick runs: the first N training images
-        train_images, train_labels = train_images[:args.train_subset], train_labels[:args.train_subset]
+        train_images, train_labels = train_images[: args.train_subset], train_labels[: args.train_subset]
     if args.normalize not in NORMALIZE:
         raise ConfigError(f"unknown --normalize '{args.normalize}'; choose one of: {', '.join(NORMALIZE)}")
     mean, std = NORMALIZE[args.normalize]
-    return CifarData(train_images.to(device), train_labels.to(device), test_images.to(device),
-                     test_labels.to(device), DATASETS[args.dataset]["num_classes"],
-                     torch.tensor(mean, device=device).view(1, 3, 1, 1),
-                     torch.tensor(std, device=device).view(1, 3, 1, 1), channels_last=args.amp)
+    return CifarData(
+        train_images.to(device),
+        train_labels.to(device),
+        test_images.to(device),
+        test_labels.to(device),
+        DATASETS[args.dataset]["num_classes"],
+        torch.tensor(mean, device=device).view(1, 3, 1, 1),
+        torch.tensor(std, device=device).view(1, 3, 1, 1),
+        channels_last=args.amp,
+    )
 
 
 def crop(images, top, left, padding):
@@ -231,7 +272,7 @@ def train_batches(data, batch_size, generator, augment=True):
     num_images = len(data.train_labels)
     order = torch.randperm(num_images, generator=generator).to(data.train_labels.device)
     for start in range(0, num_images, batch_size):
-        indices = order[start:start + batch_size]
+        indices = order[start : start + batch_size]
         images = data.train_images[indices]
         if augment:
             images = standard_augment(images, generator)
@@ -325,9 +366,7 @@ class CifarBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -510,7 +549,13 @@ class VGG(nn.Module):
 
 # (expansion, output channels = int(0.5 * width-1.0 channels), repeats, first stride) per stage.
 MOBILE_HALF_STAGES = (
-    (1, 8, 1, 1), (6, 12, 2, 1), (6, 16, 3, 2), (6, 32, 4, 2), (6, 48, 3, 1), (6, 80, 3, 2), (6, 160, 1, 1)
+    (1, 8, 1, 1),
+    (6, 12, 2, 1),
+    (6, 16, 3, 2),
+    (6, 32, 4, 2),
+    (6, 48, 3, 1),
+    (6, 80, 3, 2),
+    (6, 160, 1, 1),
 )
 
 
@@ -720,6 +765,7 @@ class MobileNetV2HSAKD(MobileNetV2):
 class PskdPreActBlock(nn.Module):
     """CS-KD-style pre-activation block: residual and shortcut both start from a = ReLU(bn1(x));
     the projection shortcut is a 1x1 conv without BN."""
+
     expansion = 1
 
     def __init__(self, in_planes, planes, stride):
@@ -769,6 +815,7 @@ class PreActResNet18(nn.Module):
 class CssBottleneck(nn.Module):
     """torchvision's Bottleneck as PumpkinsLemon/CSS `resnet_css.py` uses it: expansion 4, stride
     in the 3x3, projection named `downsample`; inner width = planes * width_factor."""
+
     expansion = 4
     width_factor = 1
 
@@ -824,8 +871,9 @@ class CssMultiBranchResNet(nn.Module):
     def forward(self, x, branch_masks=None):
         shared = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))  # [N, 128, 16, 16]
         if branch_masks is not None and branch_masks.shape[-2:] != shared.shape[-2:]:
-            raise ValueError(f"branch masks are {tuple(branch_masks.shape[-2:])}, the layer2 map is "
-                             f"{tuple(shared.shape[-2:])}")
+            raise ValueError(
+                f"branch masks are {tuple(branch_masks.shape[-2:])}, the layer2 map is {tuple(shared.shape[-2:])}"
+            )
         outputs = []
         for i in range(self.branches):
             branch_input = shared if branch_masks is None else shared * branch_masks[i].to(shared.dtype)
@@ -835,15 +883,20 @@ class CssMultiBranchResNet(nn.Module):
 
 
 # name -> (bottlenecks per stage, block); resnet_css.py's resnet56, resnet110, wide_resnet20_8.
-CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck),
-               "css_wide_resnet20_8": (2, CssWideBottleneck)}
+CSS_RESNETS = {
+    "css_resnet56": (6, CssBottleneck),
+    "css_resnet110": (12, CssBottleneck),
+    "css_wide_resnet20_8": (2, CssWideBottleneck),
+}
 
 
 def build_css_resnet(name, num_classes, branches=3):
     """A CSS multi-branch network with any number of branches (build_model builds 3)."""
     if name not in CSS_RESNETS:
-        raise ConfigError(f"{name!r} is not a CSS multi-branch network; choose one of: {', '.join(CSS_RESNETS)} "
-                          f"(the zoo's resnet56/resnet110 are single-branch BasicBlock networks)")
+        raise ConfigError(
+            f"{name!r} is not a CSS multi-branch network; choose one of: {', '.join(CSS_RESNETS)} "
+            f"(the zoo's resnet56/resnet110 are single-branch BasicBlock networks)"
+        )
     blocks_per_stage, block = CSS_RESNETS[name]
     model = CssMultiBranchResNet(blocks_per_stage, num_classes, branches, block)
     model.arch, model.num_classes = name, num_classes
@@ -868,8 +921,7 @@ _ZOO = {
     "wrn_40_1": lambda num_classes: WideResNet(40, 1, num_classes),
     "wrn_40_2": lambda num_classes: WideResNet(40, 2, num_classes),
     **{
-        name: (lambda num_classes, widths=widths: VGG(widths, num_classes))
-        for name, widths in VGG_GROUP_WIDTHS.items()
+        name: (lambda num_classes, widths=widths: VGG(widths, num_classes)) for name, widths in VGG_GROUP_WIDTHS.items()
     },
     "MobileNetV2": MobileNetV2,
     "ShuffleV1": ShuffleV1,
@@ -935,19 +987,26 @@ def _cifar_resnet_branches(net, num_outputs):
     n = len(net.layer1)
     w1, w2, w3 = (stage[0].bn2.num_features for stage in (net.layer1, net.layer2, net.layer3))
     stage = lambda in_planes, planes, stride: _residual_stage(CifarBasicBlock, in_planes, planes, n, stride)
-    extractors = [nn.Sequential(stage(w1, w2, 2), stage(w2, w3, 2)), nn.Sequential(stage(w2, w3, 2)),
-                  nn.Sequential(stage(w3, w3, 1))]
+    extractors = [
+        nn.Sequential(stage(w1, w2, 2), stage(w2, w3, 2)),
+        nn.Sequential(stage(w2, w3, 2)),
+        nn.Sequential(stage(w3, w3, 1)),
+    ]
     return (1, 2, 3), AuxiliaryClassifier(extractors, w3, num_outputs)
 
 
 def _resnet50_branches(net, num_outputs):
     """Inputs f1..f4; branch l = fresh copies of layer l+1..4, the last branch a stride-1 layer4."""
     stage = lambda in_planes, layer, stride: _residual_stage(
-        ResNet50Bottleneck, in_planes, layer[0].bn1.num_features, len(layer), stride)
+        ResNet50Bottleneck, in_planes, layer[0].bn1.num_features, len(layer), stride
+    )
     layer2, layer3, layer4 = net.layer2, net.layer3, net.layer4
-    extractors = [nn.Sequential(stage(256, layer2, 2), stage(512, layer3, 2), stage(1024, layer4, 2)),
-                  nn.Sequential(stage(512, layer3, 2), stage(1024, layer4, 2)),
-                  nn.Sequential(stage(1024, layer4, 2)), nn.Sequential(stage(2048, layer4, 1))]
+    extractors = [
+        nn.Sequential(stage(256, layer2, 2), stage(512, layer3, 2), stage(1024, layer4, 2)),
+        nn.Sequential(stage(512, layer3, 2), stage(1024, layer4, 2)),
+        nn.Sequential(stage(1024, layer4, 2)),
+        nn.Sequential(stage(2048, layer4, 1)),
+    ]
     return (1, 2, 3, 4), AuxiliaryClassifier(extractors, 2048, num_outputs)
 
 
@@ -955,8 +1014,11 @@ def _wrn_branches(net, num_outputs):
     """Inputs: raw block outputs f1..f3; each branch ends with its own BN `bn{l}` and ReLU."""
     n = len(net.block1.layer)
     c1, c2, c3 = (block.layer[0].bn2.num_features for block in (net.block1, net.block2, net.block3))
-    extractors = [nn.Sequential(WideStage(n, c1, c2, 2), WideStage(n, c2, c3, 2)),
-                  nn.Sequential(WideStage(n, c2, c3, 2)), nn.Sequential(WideStage(n, c3, c3, 1))]
+    extractors = [
+        nn.Sequential(WideStage(n, c1, c2, 2), WideStage(n, c2, c3, 2)),
+        nn.Sequential(WideStage(n, c2, c3, 2)),
+        nn.Sequential(WideStage(n, c3, c3, 1)),
+    ]
     heads = [nn.BatchNorm2d(c3) for _ in extractors]
     return (1, 2, 3), AuxiliaryClassifier(extractors, c3, num_outputs, heads, "bn", relu_after_head=True)
 
@@ -966,10 +1028,12 @@ def _vgg_branches(net, num_outputs):
     widths = [[m.out_channels for m in getattr(net, f"block{g}") if isinstance(m, nn.Conv2d)] for g in range(5)]
     group = lambda g, in_channels=None: [_vgg_group(in_channels or widths[g - 1][-1], widths[g]), nn.ReLU(inplace=True)]
     pool = lambda: [nn.MaxPool2d(2)]
-    extractors = [nn.Sequential(*pool(), *group(1), *pool(), *group(2), *pool(), *group(3), *group(4)),
-                  nn.Sequential(*pool(), *group(2), *pool(), *group(3), *group(4)),
-                  nn.Sequential(*pool(), *group(3), *group(4)),
-                  nn.Sequential(*group(3, in_channels=512), *group(4))]
+    extractors = [
+        nn.Sequential(*pool(), *group(1), *pool(), *group(2), *pool(), *group(3), *group(4)),
+        nn.Sequential(*pool(), *group(2), *pool(), *group(3), *group(4)),
+        nn.Sequential(*pool(), *group(3), *group(4)),
+        nn.Sequential(*group(3, in_channels=512), *group(4)),
+    ]
     return (0, 1, 2, 4), AuxiliaryClassifier(extractors, 512, num_outputs)
 
 
@@ -998,12 +1062,18 @@ def _shufflev1_branches(net, num_outputs):
     blocks2, blocks3 = len(net.layer2), len(net.layer3)
 
     def stage(in_planes, out_planes, num_blocks, downsample):
-        first = ShuffleV1Block(in_planes, out_planes - in_planes, 2) if downsample else ShuffleV1Block(out_planes, out_planes, 1)
+        first = (
+            ShuffleV1Block(in_planes, out_planes - in_planes, 2)
+            if downsample
+            else ShuffleV1Block(out_planes, out_planes, 1)
+        )
         return nn.Sequential(first, *[ShuffleV1Block(out_planes, out_planes, 1) for _ in range(num_blocks - 1)])
 
-    extractors = [nn.Sequential(stage(planes[0], planes[1], blocks2, True), stage(planes[1], planes[2], blocks3, True)),
-                  nn.Sequential(stage(planes[1], planes[2], blocks3, True)),
-                  nn.Sequential(stage(planes[2], planes[2], blocks3, False))]
+    extractors = [
+        nn.Sequential(stage(planes[0], planes[1], blocks2, True), stage(planes[1], planes[2], blocks3, True)),
+        nn.Sequential(stage(planes[1], planes[2], blocks3, True)),
+        nn.Sequential(stage(planes[2], planes[2], blocks3, False)),
+    ]
     return (1, 2, 3), AuxiliaryClassifier(extractors, planes[2], num_outputs)
 
 
@@ -1019,11 +1089,16 @@ def _shufflev2_branches(net, num_outputs):
             down.conv1.stride = down.conv4.stride = (1, 1)
         return nn.Sequential(down, *[ShuffleV2BasicBlock(out_channels) for _ in range(num_basic)])
 
-    final = lambda: [nn.Conv2d(channels[2], net.feat_dim, 1, bias=False), nn.BatchNorm2d(net.feat_dim),
-                     nn.ReLU(inplace=True)]
-    extractors = [nn.Sequential(stage(channels[0], channels[1], basic2, 2), stage(channels[1], channels[2], basic3, 2), *final()),
-                  nn.Sequential(stage(channels[1], channels[2], basic3, 2), *final()),
-                  nn.Sequential(stage(channels[2], channels[2], basic3, 1), *final())]
+    final = lambda: [
+        nn.Conv2d(channels[2], net.feat_dim, 1, bias=False),
+        nn.BatchNorm2d(net.feat_dim),
+        nn.ReLU(inplace=True),
+    ]
+    extractors = [
+        nn.Sequential(stage(channels[0], channels[1], basic2, 2), stage(channels[1], channels[2], basic3, 2), *final()),
+        nn.Sequential(stage(channels[1], channels[2], basic3, 2), *final()),
+        nn.Sequential(stage(channels[2], channels[2], basic3, 1), *final()),
+    ]
     return (1, 2, 3), AuxiliaryClassifier(extractors, net.feat_dim, num_outputs)
 
 
@@ -1072,8 +1147,10 @@ class AuxiliaryModel(nn.Module):
         family = next((entry for entry in _AUXILIARY_FAMILIES if isinstance(backbone, entry[0])), None)
         if family is None:
             supported = ", ".join(name for name in MODEL_NAMES if auxiliary_supported(name))
-            raise ConfigError(f"no auxiliary classifiers are defined for {getattr(backbone, 'arch', backbone)}; "
-                              f"choose one of: {supported}")
+            raise ConfigError(
+                f"no auxiliary classifiers are defined for {getattr(backbone, 'arch', backbone)}; "
+                f"choose one of: {supported}"
+            )
         self.backbone = backbone
         self.branch_inputs, self.auxiliary_classifier = family[1](backbone, num_outputs)
         _init_auxiliary(self.auxiliary_classifier, family[2])
@@ -1141,8 +1218,9 @@ def set_lr(optimizer, lr):
 
 
 def make_sgd(parameters, lr, args):
-    return torch.optim.SGD(parameters, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                           nesterov=args.nesterov)
+    return torch.optim.SGD(
+        parameters, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov
+    )
 
 
 def seed_everything(seed, deterministic):
@@ -1211,8 +1289,8 @@ def evaluate(model, data, batch_size=128, amp=False):
     correct1 = correct5 = torch.zeros((), device=device)
     k = min(5, data.num_classes)
     for start in range(0, len(data.test_labels), batch_size):
-        images = data.normalize(data.test_images[start:start + batch_size])
-        labels = data.test_labels[start:start + batch_size]
+        images = data.normalize(data.test_images[start : start + batch_size])
+        labels = data.test_labels[start : start + batch_size]
         with autocast(device, amp):
             logits = model(images)
         top = logits.float().topk(k, dim=1).indices
@@ -1243,14 +1321,16 @@ def evaluate_calibrated(model, data, batch_size=128, amp=False, bins=10):
     chunks = []
     for start in range(0, len(data.test_labels), batch_size):
         with autocast(device, amp):
-            chunks.append(model(data.normalize(data.test_images[start:start + batch_size])).float())
+            chunks.append(model(data.normalize(data.test_images[start : start + batch_size])).float())
     logits, labels = torch.cat(chunks), data.test_labels
     top = logits.topk(min(5, data.num_classes), dim=1).indices
     confidences = F.softmax(logits, dim=1).max(dim=1).values
-    return {"top1": 100.0 * (top[:, 0] == labels).sum().item() / len(labels),
-            "top5": 100.0 * (top == labels[:, None]).any(dim=1).sum().item() / len(labels),
-            "nll": F.cross_entropy(logits, labels).item(),
-            "ece": calibration_error(confidences, top[:, 0] == labels, bins)}
+    return {
+        "top1": 100.0 * (top[:, 0] == labels).sum().item() / len(labels),
+        "top5": 100.0 * (top == labels[:, None]).any(dim=1).sum().item() / len(labels),
+        "nll": F.cross_entropy(logits, labels).item(),
+        "ece": calibration_error(confidences, top[:, 0] == labels, bins),
+    }
 
 
 def accuracy_count(logits, labels):
@@ -1283,7 +1363,8 @@ def check_finite(metrics, epoch, run_dir):
     if bad:
         raise FloatingPointError(
             f"{', '.join(bad)} became non-finite in epoch {epoch + 1}. The checkpoint of the last finished "
-            f"epoch is in {run_dir}; lower --learning-rate or turn off --amp, then rerun with --resume.")
+            f"epoch is in {run_dir}; lower --learning-rate or turn off --amp, then rerun with --resume."
+        )
 
 
 @torch.no_grad()
@@ -1294,8 +1375,8 @@ def auxiliary_accuracy(model, data, batch_size, amp):
     model.eval()
     ss_correct = class_correct = torch.zeros(model.num_branches, device=data.test_labels.device)
     for start in range(0, len(data.test_labels), batch_size):
-        labels = data.test_labels[start:start + batch_size]
-        rotated = rotations(data.normalize(data.test_images[start:start + batch_size]))
+        labels = data.test_labels[start : start + batch_size]
+        rotated = rotations(data.normalize(data.test_images[start : start + batch_size]))
         with autocast(labels.device, amp):
             aux_logits, _ = model(rotated)
         aux_logits = torch.stack([branch.float() for branch in aux_logits])  # [L, 4B, 4C]
@@ -1310,6 +1391,7 @@ def auxiliary_accuracy(model, data, batch_size, amp):
 # =================================================================================================
 # RUN BOOKKEEPING: arguments, logging, checkpoints, teachers
 # =================================================================================================
+
 
 def _field_docs(args_class):
     """The string literal under each dataclass field: its --help text (as CleanRL/tyro read it). A class
@@ -1342,9 +1424,11 @@ def parse_args(args_class, argv=None):
     hints = typing.get_type_hints(args_class)
     module = sys.modules.get(args_class.__module__)
     module_doc = (getattr(module, "__doc__", None) or "").strip()
-    parser = argparse.ArgumentParser(description=module_doc.split("\n\n")[0],
-                                     epilog="architectures: " + ", ".join(MODEL_NAMES + tuple(CSS_RESNETS)),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=module_doc.split("\n\n")[0],
+        epilog="architectures: " + ", ".join(MODEL_NAMES + tuple(CSS_RESNETS)),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     tuple_fields = {}
     for field in dataclasses.fields(args_class):
         flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
@@ -1367,7 +1451,9 @@ def parse_args(args_class, argv=None):
         try:
             values[name] = tuple(item_type(part) for token in tokens for part in str(token).split(",") if part)
         except ValueError:
-            parser.error(f"--{name.replace('_', '-')}: expected {item_type.__name__} values, got {' '.join(map(str, tokens))}")
+            parser.error(
+                f"--{name.replace('_', '-')}: expected {item_type.__name__} values, got {' '.join(map(str, tokens))}"
+            )
     sys.excepthook = _friendly_excepthook
     args = args_class(**values)
     try:
@@ -1398,8 +1484,9 @@ def check_common_args(args):
             problems.append(f"{_flag(name)} {value} must be 0 or more")
         elif name == "train_subset" and value < 1:
             problems.append(f"--train-subset {value} must be a positive number of images (leave it unset for all)")
-        elif (name.endswith(("learning_rate", "_lr", "_tau")) or (name.endswith("_T") and name != "alpha_T")) \
-                and value <= 0:
+        elif (
+            name.endswith(("learning_rate", "_lr", "_tau")) or (name.endswith("_T") and name != "alpha_T")
+        ) and value <= 0:
             problems.append(f"{_flag(name)} {value} must be positive")
         elif name.endswith("momentum") and not 0 <= value < 1:
             problems.append(f"{_flag(name)} {value} must be in [0, 1)")
@@ -1442,21 +1529,20 @@ def _friendly_excepthook(kind, error, trace):
     if issubclass(kind, (ConfigError, FloatingPointError)):
         print(f"error: {error}", file=sys.stderr)
     elif issubclass(kind, KeyboardInterrupt):
-        print("\ninterrupted: every finished epoch is saved; rerun the same command with --resume",
-              file=sys.stderr)
+        print("\ninterrupted: every finished epoch is saved; rerun the same command with --resume", file=sys.stderr)
     else:
         sys.__excepthook__(kind, error, trace)
 
 
 def print_config(args, title):
-    print(f"{title}: " + " ".join(f"{key}={value}" for key, value in dataclasses.asdict(args).items()),
-          flush=True)
+    print(f"{title}: " + " ".join(f"{key}={value}" for key, value in dataclasses.asdict(args).items()), flush=True)
 
 
 def git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -1465,8 +1551,10 @@ def prepare_run_dir(args, default_name):
     """runs/<run_name>/; refuses to overwrite an existing run unless --resume is given."""
     run_dir = Path(args.output_dir) / (args.run_name or default_name)
     if (run_dir / "last.pth").exists() and not args.resume:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or --run-name "
-                          f"(or --output-dir) to start a new one")
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or --run-name "
+            f"(or --output-dir) to start a new one"
+        )
     if args.resume and not (run_dir / "last.pth").exists():
         print(f"--resume: {run_dir} holds no finished epoch to resume from; starting a new run there", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1487,8 +1575,9 @@ class Logger:
     def __init__(self, run_dir, args, start_epoch=0):
         self.path = Path(run_dir) / "metrics.jsonl"
         if self.path.exists():  # on resume, drop epochs that will be run again (lines carry 1-based epochs)
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["epoch"] <= start_epoch]
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= start_epoch
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tensorboard = self.wandb = None
         if getattr(args, "tensorboard", False):
@@ -1496,8 +1585,9 @@ class Logger:
             self.tensorboard = SummaryWriter(str(run_dir))
         if getattr(args, "track", False):
             wandb = _optional_import("wandb", "wandb")
-            self.wandb = wandb.init(project=args.wandb_project, name=Path(run_dir).name,
-                                    config=dataclasses.asdict(args), resume="allow")
+            self.wandb = wandb.init(
+                project=args.wandb_project, name=Path(run_dir).name, config=dataclasses.asdict(args), resume="allow"
+            )
 
     def log(self, epoch, metrics):
         """`epoch` is the loop's 0-based index; files and screens say epoch + 1, as summary.json does."""
@@ -1518,13 +1608,18 @@ def format_seconds(seconds):
 def print_epoch(epoch, epochs, metrics, seconds_left):
     """The one progress line per epoch: epoch, lr, each loss term, accuracies, speed, ETA."""
     loss_order = lambda name: (name != "loss/ce", name == "loss/total")  # ce first, method terms, total last
-    losses = " ".join(f"{name} {metrics[name]:.4f}" for name in sorted(
-        (name for name in metrics if name.startswith("loss/")), key=loss_order))
+    losses = " ".join(
+        f"{name} {metrics[name]:.4f}"
+        for name in sorted((name for name in metrics if name.startswith("loss/")), key=loss_order)
+    )
     train = " ".join(f"{name} {value:.2f}" for name, value in metrics.items() if name.startswith("train/"))
-    print(f"epoch {epoch + 1}/{epochs} lr {metrics['lr']:.5f} | {losses} | {train} | "
-          f"test/top1 {metrics['test/top1']:.2f} top5 {metrics['test/top5']:.2f} "
-          f"best {metrics['test/best_top1']:.2f} | {metrics['speed/images_per_s']:.0f} img/s | "
-          f"eta {format_seconds(seconds_left)}", flush=True)
+    print(
+        f"epoch {epoch + 1}/{epochs} lr {metrics['lr']:.5f} | {losses} | {train} | "
+        f"test/top1 {metrics['test/top1']:.2f} top5 {metrics['test/top5']:.2f} "
+        f"best {metrics['test/best_top1']:.2f} | {metrics['speed/images_per_s']:.0f} img/s | "
+        f"eta {format_seconds(seconds_left)}",
+        flush=True,
+    )
 
 
 def save_checkpoint(path, payload):
@@ -1540,13 +1635,19 @@ def save_checkpoint(path, payload):
         temporary.unlink(missing_ok=True)
         full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
         reason = "the disk is full" if full else f"{type(err).__name__}: {err}"
-        raise ConfigError(f"could not write {path}: {reason}. The previous {path.name} (if any) is unchanged; "
-                          f"free some space and rerun the same command with --resume.") from None
+        raise ConfigError(
+            f"could not write {path}: {reason}. The previous {path.name} (if any) is unchanged; "
+            f"free some space and rerun the same command with --resume."
+        ) from None
 
 
 def rng_states():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def restore_rng_states(states):
@@ -1560,23 +1661,38 @@ def restore_rng_states(states):
 def training_state(model, optimizer, epoch, best, args, **extra):
     """Everything `--resume` needs. `model` uses RepDistiller's keys so the file also serves as a
     teacher checkpoint; `epoch` counts finished epochs."""
-    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes,
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
-            "args": dataclasses.asdict(args), "rng": rng_states(), **extra}
+    return {
+        "model": model.state_dict(),
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "args": dataclasses.asdict(args),
+        "rng": rng_states(),
+        **extra,
+    }
 
 
 def model_payload(model, epoch, result, args):
     """A weights-only checkpoint (best.pth, cached teachers) in RepDistiller's {"model": ...} format."""
-    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes,
-            "epoch": epoch, "test_acc": result["top1"], "args": dataclasses.asdict(args)}
+    return {
+        "model": model.state_dict(),
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "epoch": epoch,
+        "test_acc": result["top1"],
+        "args": dataclasses.asdict(args),
+    }
 
 
 def _checkpoint_safe_globals():
     """The only non-tensor types our files and the community formats hold: numpy's RNG state and scalars
     (last.pth, some official files) and argparse.Namespace (RepDistiller's `opt`). Nothing else is built."""
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    dtypes = [type(np.dtype(kind)) for kind in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64,
-                                                  np.bool_)]
+    dtypes = [
+        type(np.dtype(kind)) for kind in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64, np.bool_)
+    ]
     return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, argparse.Namespace, *dtypes]
 
 
@@ -1592,26 +1708,44 @@ def load_checkpoint(path, what="checkpoint", remedy=None):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = str(err).split("\n")[-3].strip() if "GLOBAL" in str(err) else str(err).splitlines()[0]
-        raise ConfigError(f"{what} {path} was refused: it needs more than tensors and plain values to load "
-                          f"({detail}). Nothing in it was run. Load only checkpoints whose origin you trust; "
-                          f"if you do trust it, re-save its state dict with torch.save(model.state_dict(), ...)."
-                          + (f" {remedy}" if remedy else "")) from None
+        raise ConfigError(
+            f"{what} {path} was refused: it needs more than tensors and plain values to load "
+            f"({detail}). Nothing in it was run. Load only checkpoints whose origin you trust; "
+            f"if you do trust it, re-save its state dict with torch.save(model.state_dict(), ...)."
+            + (f" {remedy}" if remedy else "")
+        ) from None
     except Exception as err:  # truncated zip, garbage bytes, wrong format
-        raise ConfigError(f"{what} {path} could not be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                          f"it is truncated or not a PyTorch checkpoint." + (f" {remedy}" if remedy else "")) from None
+        raise ConfigError(
+            f"{what} {path} could not be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"it is truncated or not a PyTorch checkpoint." + (f" {remedy}" if remedy else "")
+        ) from None
 
 
 # Arguments that may differ when a run is resumed: where things are, how it is watched; not what is trained.
-RESUME_MAY_CHANGE = ("resume", "resume_with_changes", "device", "output_dir", "run_name", "data_dir",
-                     "checkpoint_dir", "eval_batch_size", "tensorboard", "track", "wandb_project")
+RESUME_MAY_CHANGE = (
+    "resume",
+    "resume_with_changes",
+    "device",
+    "output_dir",
+    "run_name",
+    "data_dir",
+    "checkpoint_dir",
+    "eval_batch_size",
+    "tensorboard",
+    "track",
+    "wandb_project",
+)
 
 
 def changed_arguments(recorded, args):
     """{name: (recorded value, new value)} for every argument outside RESUME_MAY_CHANGE that differs."""
     current = dataclasses.asdict(args)
     as_tuple = lambda value: tuple(value) if isinstance(value, list) else value
-    return {name: (recorded.get(name), value) for name, value in current.items()
-            if name not in RESUME_MAY_CHANGE and as_tuple(recorded.get(name)) != as_tuple(value)}
+    return {
+        name: (recorded.get(name), value)
+        for name, value in current.items()
+        if name not in RESUME_MAY_CHANGE and as_tuple(recorded.get(name)) != as_tuple(value)
+    }
 
 
 def check_resume_arguments(path, checkpoint, args):
@@ -1623,12 +1757,21 @@ def check_resume_arguments(path, checkpoint, args):
         return
     listed = "; ".join(f"{_flag(name)} {old!r} -> {new!r}" for name, (old, new) in changes.items())
     if not getattr(args, "resume_with_changes", False):
-        raise ConfigError(f"{path} was trained with other arguments: {listed}. Rerun with the original values, or "
-                          f"add --resume-with-changes to continue with the new ones (the change is recorded).")
+        raise ConfigError(
+            f"{path} was trained with other arguments: {listed}. Rerun with the original values, or "
+            f"add --resume-with-changes to continue with the new ones (the change is recorded)."
+        )
     print(f"resuming with changed arguments (from epoch {checkpoint['epoch'] + 1} on): {listed}", flush=True)
     with open(Path(path).parent / "resumes.jsonl", "a") as f:
-        f.write(json.dumps({"from_epoch": checkpoint["epoch"] + 1,
-                            "changed": {name: [old, new] for name, (old, new) in changes.items()}}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "from_epoch": checkpoint["epoch"] + 1,
+                    "changed": {name: [old, new] for name, (old, new) in changes.items()},
+                }
+            )
+            + "\n"
+        )
 
 
 def resume_state(run_dir, model, optimizer, resume, args=None):
@@ -1637,8 +1780,9 @@ def resume_state(run_dir, model, optimizer, resume, args=None):
     path = Path(run_dir) / "last.pth"
     if not (resume and path.exists()):
         return 0, {"top1": 0.0, "top5": 0.0, "epoch": -1}, None
-    checkpoint = load_checkpoint(path, "the run's last checkpoint",
-                                 "Delete it (the run restarts from epoch 1) or restore it from a backup.")
+    checkpoint = load_checkpoint(
+        path, "the run's last checkpoint", "Delete it (the run restarts from epoch 1) or restore it from a backup."
+    )
     if args is not None:
         check_resume_arguments(path, checkpoint, args)
     load_weights(model, checkpoint, str(path))
@@ -1661,11 +1805,15 @@ def extract_state_dict(checkpoint):
 def load_weights(model, checkpoint, source):
     """Strict load with a message that says what does not match, instead of a bare KeyError."""
     if isinstance(checkpoint, dict) and checkpoint.get("arch") not in (None, model.arch):
-        raise ConfigError(f"{source} holds a {checkpoint['arch']}, not the requested {model.arch}; "
-                          f"pass the matching architecture or another checkpoint")
+        raise ConfigError(
+            f"{source} holds a {checkpoint['arch']}, not the requested {model.arch}; "
+            f"pass the matching architecture or another checkpoint"
+        )
     if isinstance(checkpoint, dict) and checkpoint.get("num_classes") not in (None, model.num_classes):
-        raise ConfigError(f"{source} has {checkpoint['num_classes']} classes, but this run needs "
-                          f"{model.num_classes} (check --dataset)")
+        raise ConfigError(
+            f"{source} has {checkpoint['num_classes']} classes, but this run needs "
+            f"{model.num_classes} (check --dataset)"
+        )
     state = extract_state_dict(checkpoint)
     expected = model.state_dict()
     for ours, theirs in (("classifier.0.weight", "classifier.weight"), ("classifier.0.bias", "classifier.bias")):
@@ -1673,12 +1821,17 @@ def load_weights(model, checkpoint, source):
             state[ours] = state.pop(theirs)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{name} {tuple(state[name].shape)} vs {tuple(expected[name].shape)}"
-                   for name in expected if name in state and state[name].shape != expected[name].shape]
+    wrong_shape = [
+        f"{name} {tuple(state[name].shape)} vs {tuple(expected[name].shape)}"
+        for name in expected
+        if name in state and state[name].shape != expected[name].shape
+    ]
     if missing or unexpected or wrong_shape:
-        details = "; ".join(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                            for label, items in (("missing", missing), ("unexpected", unexpected),
-                                                 ("wrong shape", wrong_shape)) if items)
+        details = "; ".join(
+            f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+            if items
+        )
         raise ConfigError(f"{source} does not match {model.arch} with {model.num_classes} classes ({details})")
     model.load_state_dict(state, strict=True)
 
@@ -1697,15 +1850,22 @@ def load_model_file(arch, num_classes, path, what="checkpoint", remedy=None):
 
 
 # Published teacher accuracies of the RepDistiller/mdistiller checkpoints (specs/README.md section 9).
-EXPECTED_TEACHER_TOP1 = {"wrn_40_2": 75.61, "resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42,
-                         "vgg13": 74.64, "ResNet50": 79.34}
+EXPECTED_TEACHER_TOP1 = {
+    "wrn_40_2": 75.61,
+    "resnet56": 72.34,
+    "resnet110": 74.31,
+    "resnet32x4": 79.42,
+    "vgg13": 74.64,
+    "ResNet50": 79.34,
+}
 
 
 def teacher_cache_path(args):
     """checkpoints/<dataset>/<arch>.pth for the full recipe; a suffix marks reduced runs so a quick
     test teacher is never mistaken for a real one."""
-    suffix = (f"_e{args.ce_teacher_epochs}" if args.ce_teacher_epochs != 240 else "") + \
-             (f"_n{args.train_subset}" if args.train_subset else "")
+    suffix = (f"_e{args.ce_teacher_epochs}" if args.ce_teacher_epochs != 240 else "") + (
+        f"_n{args.train_subset}" if args.train_subset else ""
+    )
     if not same_normalization(args.normalize, default_normalize(args.dataset, "repdistiller")):
         suffix += f"_norm-{args.normalize}"  # the dataset's usual constants keep the plain name
     return Path(args.checkpoint_dir) / args.dataset / f"{args.teacher}{suffix}.pth"
@@ -1738,15 +1898,18 @@ def cache_lock(path):
 def die_with_parent(parent_pid):
     """preexec_fn of a stage's child process: it receives SIGTERM when the method script that started it
     dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG), so no orphaned training is left behind."""
+
     def set_death_signal():
         import ctypes
         import signal
+
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             return  # not Linux: no such guarantee
         if os.getppid() != parent_pid:  # the parent died before the signal was armed
             os._exit(1)
+
     return set_death_signal
 
 
@@ -1754,17 +1917,36 @@ def train_teacher(args, cache_path):
     """Train the missing teacher with baseline.py (one code path for baselines and teachers) and
     keep its last-epoch weights, as RepDistiller's ckpt_epoch_240.pth teachers are."""
     run_name = "teacher_" + cache_path.stem + f"_{args.dataset}"
-    command = [sys.executable, str(REPO_DIR / "baseline.py"), "--model", args.teacher,
-               "--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(args.ce_teacher_epochs),
-               "--normalize", args.normalize, "--amp", str(args.amp), "--output-dir", args.output_dir,
-               "--run-name", run_name, "--resume"]
+    command = [
+        sys.executable,
+        str(REPO_DIR / "baseline.py"),
+        "--model",
+        args.teacher,
+        "--dataset",
+        args.dataset,
+        "--data-dir",
+        args.data_dir,
+        "--epochs",
+        str(args.ce_teacher_epochs),
+        "--normalize",
+        args.normalize,
+        "--amp",
+        str(args.amp),
+        "--output-dir",
+        args.output_dir,
+        "--run-name",
+        run_name,
+        "--resume",
+    ]
     if args.train_subset:
         command += ["--train-subset", str(args.train_subset)]
     if args.device:
         command += ["--device", args.device]
-    print(f"no teacher checkpoint at {cache_path}: training one with baseline.py "
-          f"({args.ce_teacher_epochs} epochs; interruptible, resumes where it stopped)\n  {' '.join(command)}",
-          flush=True)
+    print(
+        f"no teacher checkpoint at {cache_path}: training one with baseline.py "
+        f"({args.ce_teacher_epochs} epochs; interruptible, resumes where it stopped)\n  {' '.join(command)}",
+        flush=True,
+    )
     preexec = die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
     if subprocess.run(command, preexec_fn=preexec).returncode != 0:
         raise ConfigError("training the teacher failed (see above); fix it and rerun, it resumes")
@@ -1779,9 +1961,11 @@ def check_teacher_normalization(checkpoint, args, source):
     recorded = checkpoint.get("args", {}).get("normalize") if isinstance(checkpoint.get("args"), dict) else None
     if recorded is None or recorded not in NORMALIZE or same_normalization(recorded, args.normalize):
         return
-    message = (f"{source} was trained with --normalize {recorded}, but this run feeds it --normalize "
-               f"{args.normalize}: its accuracy would drop. Pass --normalize {recorded}, or delete the file so "
-               f"that it is retrained with this run's data settings")
+    message = (
+        f"{source} was trained with --normalize {recorded}, but this run feeds it --normalize "
+        f"{args.normalize}: its accuracy would drop. Pass --normalize {recorded}, or delete the file so "
+        f"that it is retrained with this run's data settings"
+    )
     if not getattr(args, "allow_teacher_normalize_mismatch", False):
         raise ConfigError(message + " (or --allow-teacher-normalize-mismatch to use it anyway).")
     print(f"warning: {message}.", flush=True)
@@ -1802,8 +1986,7 @@ def load_teacher(args, data, device):
     teacher = prepare_model(teacher, device, args.amp)
     teacher.eval().requires_grad_(False)
     result = evaluate(teacher, data, args.eval_batch_size, args.amp)
-    print(f"teacher {args.teacher} from {path}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}",
-          flush=True)
+    print(f"teacher {args.teacher} from {path}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}", flush=True)
     expected = args.teacher_expected_acc
     full_recipe = args.teacher_path or path.stem == args.teacher  # not a reduced quick-run teacher
     if expected is None and args.dataset == "cifar100" and full_recipe:
@@ -1821,12 +2004,24 @@ def write_summary(run_dir, args, best, last, method, **extra):
     1-based epoch) is labelled as such; the method, the device and versions it ran on, every argument, and
     any argument changes accepted on resume (resumes.jsonl)."""
     resumes = Path(run_dir) / "resumes.jsonl"
-    summary = {"method": method, "last_top1": last["top1"], "last_top5": last["top5"], "best_top1": best["top1"],
-               "best_epoch": best["epoch"] + 1, **extra, "seed": args.seed, "git_commit": git_commit(),
-               **runtime_info(resolve_device(args.device)), "args": dataclasses.asdict(args)}
+    summary = {
+        "method": method,
+        "last_top1": last["top1"],
+        "last_top5": last["top5"],
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"] + 1,
+        **extra,
+        "seed": args.seed,
+        "git_commit": git_commit(),
+        **runtime_info(resolve_device(args.device)),
+        "args": dataclasses.asdict(args),
+    }
     if resumes.exists():
         summary["resumed_with_changes"] = [json.loads(line) for line in resumes.read_text().splitlines() if line]
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"done: last-epoch test top1 {last['top1']:.2f} (primary), best-epoch top1 {best['top1']:.2f} "
-          f"at epoch {best['epoch'] + 1}; summary in {Path(run_dir) / 'summary.json'}", flush=True)
+    print(
+        f"done: last-epoch test top1 {last['top1']:.2f} (primary), best-epoch top1 {best['top1']:.2f} "
+        f"at epoch {best['epoch'] + 1}; summary in {Path(run_dir) / 'summary.json'}",
+        flush=True,
+    )
     return summary

@@ -18,6 +18,7 @@ logit for joint label c*3 + i. Compared with kd.py: no pre-trained teacher, two 
 optimizers, per-branch masks and joint labels, a warm-up, and three test accuracies (each network
 and their ensemble).
 """
+
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -117,13 +118,13 @@ def branch_mask(branch, height, width, literal_mask3=False):
     if branch == 0:
         mask[:size, :size] = 0
     elif branch == 1:
-        mask[height - size:, width - size:] = 0
+        mask[height - size :, width - size :] = 0
     elif branch == 2:
-        mask[height - size:, :size] = 0
+        mask[height - size :, :size] = 0
     elif branch == 3 and literal_mask3:
         mask[:size, width - size] = 0  # the code indexes one column here, not a block
     elif branch == 3:
-        mask[:size, width - size:] = 0
+        mask[:size, width - size :] = 0
     return mask
 
 
@@ -153,7 +154,7 @@ def branch_kd_loss(learner_logits, target_logits, temperature):
     log_learner = F.log_softmax(learner_logits / temperature, dim=1)
     target_probs = F.softmax(target_logits / temperature, dim=1)
     rows, _, branches = learner_logits.shape
-    return F.kl_div(log_learner, target_probs, reduction="sum") / (rows * branches) * temperature ** 2
+    return F.kl_div(log_learner, target_probs, reduction="sum") / (rows * branches) * temperature**2
 
 
 def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, detach_ratio=False):
@@ -169,8 +170,14 @@ def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, de
     ratio_t, ratio_s = (ce_t.detach(), ce_s.detach()) if detach_ratio else (ce_t, ce_s)
     alpha1, alpha2 = ratio_t / ratio_s, ratio_s / ratio_t
     total = (ce_t + alpha1 * kd_t_from_s) + (ce_s + alpha2 * kd_s_from_t)
-    return total, {"ce_t": ce_t, "ce_s": ce_s, "kd_t_from_s": kd_t_from_s, "kd_s_from_t": kd_s_from_t,
-                   "alpha1": alpha1, "alpha2": alpha2}
+    return total, {
+        "ce_t": ce_t,
+        "ce_s": ce_s,
+        "kd_t_from_s": kd_t_from_s,
+        "kd_s_from_t": kd_s_from_t,
+        "alpha1": alpha1,
+        "alpha2": alpha2,
+    }
 
 
 def own_slot_logits(branch_logits):
@@ -208,13 +215,16 @@ def evaluate_css(net_t, net_s, masks, data, batch_size, amp, with_branches=True,
     device = data.test_labels.device
     meter = common.Meter()
     for start in range(0, len(data.test_labels), batch_size):
-        images = data.normalize(data.test_images[start:start + batch_size])
-        labels = data.test_labels[start:start + batch_size]
+        images = data.normalize(data.test_images[start : start + batch_size])
+        labels = data.test_labels[start : start + batch_size]
         with common.autocast(device, amp):
             logits_t, logits_s = net_t(images, masks).float(), net_s(images, masks).float()
         aggregated_t, aggregated_s = aggregate_branches(logits_t), aggregate_branches(logits_s)
-        for name, scores in (("net1", aggregated_t), ("net2", aggregated_s),
-                             ("ensemble", (aggregated_t + aggregated_s) / 2)):
+        for name, scores in (
+            ("net1", aggregated_t),
+            ("net2", aggregated_s),
+            ("ensemble", (aggregated_t + aggregated_s) / 2),
+        ):
             top = scores.topk(min(5, data.num_classes), dim=1).indices
             meter.add_sum(f"{name}_top1", 100.0 * (top[:, 0] == labels).sum(), len(labels))
             meter.add_sum(f"{name}_top5", 100.0 * (top == labels[:, None]).any(dim=1).sum(), len(labels))
@@ -246,8 +256,10 @@ if __name__ == "__main__":
     run_dir = common.prepare_run_dir(args, f"css_{args.model_t}_{args.model_s}_{args.dataset}_seed{args.seed}")
 
     # --- METHOD: two multi-branch networks from scratch, one SGD optimizer each; per-branch masks ---
-    net_t, net_s = (common.prepare_model(common.build_css_resnet(arch, data.num_classes, args.branches),
-                                         device, args.amp) for arch in (args.model_t, args.model_s))
+    net_t, net_s = (
+        common.prepare_model(common.build_css_resnet(arch, data.num_classes, args.branches), device, args.amp)
+        for arch in (args.model_t, args.model_s)
+    )
     for name, net in (("net1", net_t), ("net2", net_s)):
         print(f"{name}: {net.arch}, {args.branches} branches, {sum(p.numel() for p in net.parameters()):,} parameters")
     feature_size = data.train_images.shape[2] // 2  # the masked map is layer2's output: 16x16 on CIFAR
@@ -259,8 +271,9 @@ if __name__ == "__main__":
     start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args)
     best_net1, best_ensemble = dict(NO_BEST), dict(NO_BEST)
     if checkpoint is not None:
-        common.load_weights(net_t, {"model": checkpoint["net1_model"], "arch": checkpoint["net1_arch"]},
-                            str(run_dir / "last.pth"))
+        common.load_weights(
+            net_t, {"model": checkpoint["net1_model"], "arch": checkpoint["net1_arch"]}, str(run_dir / "last.pth")
+        )
         optimizer_t.load_state_dict(checkpoint["net1_optimizer"])
         best_net1, best_ensemble = checkpoint["best_net1"], checkpoint["best_ensemble"]
     # --- END METHOD ---
@@ -304,8 +317,9 @@ if __name__ == "__main__":
         common.check_finite(metrics, epoch, run_dir)
         images_per_s = images_seen / (time.time() - epoch_start)
         # --- METHOD: three test accuracies (net1, net2 = primary, ensemble), each with its best epoch ---
-        result = evaluate_css(net_t, net_s, masks, data, args.eval_batch_size, args.amp, args.log_branch_top1,
-                              args.log_diversity)
+        result = evaluate_css(
+            net_t, net_s, masks, data, args.eval_batch_size, args.amp, args.log_branch_top1, args.log_diversity
+        )
         if result["net2_top1"] > best["top1"]:
             best = {"top1": result["net2_top1"], "top5": result["net2_top5"], "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(net_s, epoch + 1, best, args))
@@ -314,27 +328,61 @@ if __name__ == "__main__":
             common.save_checkpoint(run_dir / "best_net1.pth", common.model_payload(net_t, epoch + 1, best_net1, args))
         if result["ensemble_top1"] > best_ensemble["top1"]:
             best_ensemble = {"top1": result["ensemble_top1"], "top5": result["ensemble_top5"], "epoch": epoch}
-        metrics.update({"lr": lr, "test/top1": result["net2_top1"], "test/top5": result["net2_top5"],
-                        "test/best_top1": best["top1"], **{f"test/{name}": value for name, value in result.items()},
-                        "test/net1_best_top1": best_net1["top1"], "test/ensemble_best_top1": best_ensemble["top1"],
-                        "speed/images_per_s": images_per_s})
+        metrics.update(
+            {
+                "lr": lr,
+                "test/top1": result["net2_top1"],
+                "test/top5": result["net2_top5"],
+                "test/best_top1": best["top1"],
+                **{f"test/{name}": value for name, value in result.items()},
+                "test/net1_best_top1": best_net1["top1"],
+                "test/ensemble_best_top1": best_ensemble["top1"],
+                "speed/images_per_s": images_per_s,
+            }
+        )
         logger.log(epoch, metrics)
-        common.save_checkpoint(run_dir / "last.pth", common.training_state(
-            net_s, optimizer_s, epoch + 1, best, args, net1_model=net_t.state_dict(), net1_arch=net_t.arch,
-            net1_optimizer=optimizer_t.state_dict(), best_net1=best_net1, best_ensemble=best_ensemble))
+        common.save_checkpoint(
+            run_dir / "last.pth",
+            common.training_state(
+                net_s,
+                optimizer_s,
+                epoch + 1,
+                best,
+                args,
+                net1_model=net_t.state_dict(),
+                net1_arch=net_t.arch,
+                net1_optimizer=optimizer_t.state_dict(),
+                best_net1=best_net1,
+                best_ensemble=best_ensemble,
+            ),
+        )
         # --- END METHOD ---
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     # The last epoch's evaluation is the last-epoch result (eval mode is deterministic); a resumed
     # run that had nothing left to train evaluates once.
-    last = result if result is not None else evaluate_css(net_t, net_s, masks, data, args.eval_batch_size, args.amp,
-                                                          args.log_branch_top1, args.log_diversity)
+    last = (
+        result
+        if result is not None
+        else evaluate_css(
+            net_t, net_s, masks, data, args.eval_batch_size, args.amp, args.log_branch_top1, args.log_diversity
+        )
+    )
     extra = {"primary": f"net2 ({args.model_s})", "net1_arch": args.model_t, "net2_arch": args.model_s}
     for name, best_of in (("net1", best_net1), ("net2", best), ("ensemble", best_ensemble)):
-        extra.update({f"{name}_last_top1": last[f"{name}_top1"], f"{name}_last_top5": last[f"{name}_top5"],
-                      f"{name}_best_top1": best_of["top1"], f"{name}_best_epoch": best_of["epoch"] + 1})
-        print(f"{name}: last-epoch top1 {last[f'{name}_top1']:.2f}, best-epoch top1 {best_of['top1']:.2f} "
-              f"at epoch {best_of['epoch'] + 1}", flush=True)
+        extra.update(
+            {
+                f"{name}_last_top1": last[f"{name}_top1"],
+                f"{name}_last_top5": last[f"{name}_top5"],
+                f"{name}_best_top1": best_of["top1"],
+                f"{name}_best_epoch": best_of["epoch"] + 1,
+            }
+        )
+        print(
+            f"{name}: last-epoch top1 {last[f'{name}_top1']:.2f}, best-epoch top1 {best_of['top1']:.2f} "
+            f"at epoch {best_of['epoch'] + 1}",
+            flush=True,
+        )
     extra["last_branch_top1"] = {name: value for name, value in last.items() if "_branch" in name}
     extra.update({f"last_{name}": value for name, value in last.items() if name.startswith("diversity")})
     common.write_summary(run_dir, args, best, {"top1": last["net2_top1"], "top5": last["net2_top5"]}, "css", **extra)

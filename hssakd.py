@@ -16,6 +16,7 @@ part: the teacher's joint distributions at every depth) and one between the fina
 Compared with kd.py: the batch is 4x larger (rotations), both networks carry auxiliary branches,
 the teacher needs stage 1, the loss has L + 2 terms, and SGD uses Nesterov momentum.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -141,7 +142,7 @@ def distill_kl(student_logits, teacher_logits, temperature):
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, mean over rows."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     teacher_probs = F.softmax(teacher_logits / temperature, dim=1)
-    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
 def student_loss(logits, aux_logits, teacher_logits, teacher_aux_logits, labels, joint_labels, args):
@@ -175,7 +176,8 @@ def check_pair(teacher_arch, student_arch):
         raise common.ConfigError(
             f"{teacher_arch} has {teacher_branches} auxiliary classifiers but {student_arch} has {student_branches}; "
             f"HSAKD distils branch l into branch l, so pick a pair with the same number: 3 for CIFAR ResNets, WRNs, "
-            f"ShuffleV1, ShuffleV2; 4 for VGGs, MobileNetV2, ResNet50")
+            f"ShuffleV1, ShuffleV2; 4 for VGGs, MobileNetV2, ResNet50"
+        )
 
 
 def stage1_recipe(args):
@@ -186,8 +188,20 @@ def stage1_recipe(args):
 
 
 # Everything stage 1's result depends on besides the CE teacher file; the cache name carries a digest.
-STAGE1_RECIPE = ("teacher_mode", "dataset", "normalize", "train_subset", "batch_size", "teacher_lr", "lr_gamma",
-                 "momentum", "nesterov", "weight_decay", "teacher_seed", "amp")
+STAGE1_RECIPE = (
+    "teacher_mode",
+    "dataset",
+    "normalize",
+    "train_subset",
+    "batch_size",
+    "teacher_lr",
+    "lr_gamma",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "teacher_seed",
+    "amp",
+)
 
 
 def stage1_cache_path(args, teacher_arch, ce_file):
@@ -200,7 +214,11 @@ def stage1_cache_path(args, teacher_arch, ce_file):
     if ce_file:
         digest.update(Path(ce_file).read_bytes())
     base = Path(ce_file).stem if ce_file else teacher_arch + (f"_n{args.train_subset}" if args.train_subset else "")
-    return Path(args.checkpoint_dir) / args.dataset / f"{base}_aux_{args.teacher_mode}_e{epochs}_{digest.hexdigest()[:8]}.pth"
+    return (
+        Path(args.checkpoint_dir)
+        / args.dataset
+        / f"{base}_aux_{args.teacher_mode}_e{epochs}_{digest.hexdigest()[:8]}.pth"
+    )
 
 
 def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_path):
@@ -209,8 +227,11 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
     Runs in runs/teacher_<cache name>_<dataset>, resuming there after an interruption."""
     frozen = args.teacher_mode == "frozen"
     epochs, milestones = stage1_recipe(args)
-    print(f"stage 1: training the {args.teacher_mode} teacher's auxiliary classifiers for {epochs} epochs "
-          f"-> {cache_path}", flush=True)
+    print(
+        f"stage 1: training the {args.teacher_mode} teacher's auxiliary classifiers for {epochs} epochs "
+        f"-> {cache_path}",
+        flush=True,
+    )
     common.seed_everything(args.teacher_seed, args.torch_deterministic)
     backbone = ce_teacher if frozen else common.build_model(teacher_arch, data.num_classes)
     model = common.prepare_model(common.AuxiliaryModel(backbone, 4 * data.num_classes), device, args.amp)
@@ -228,7 +249,9 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
         if frozen:
             model.backbone.eval()  # the CE teacher's BN statistics stay as they are
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.teacher_seed, epoch)):
+        for images, labels, _ in common.train_batches(
+            data, args.batch_size, common.epoch_generator(args.teacher_seed, epoch)
+        ):
             rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)
             with common.autocast(device, args.amp):
                 aux_logits, logits = model(rotated, detach_stages=frozen)
@@ -248,16 +271,26 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
         if max(branches["ss_top1"]) > best_ss:  # HSAKD keeps <arch>_best.pth by the best branch
             best_ss, best = max(branches["ss_top1"]), {**result, "epoch": epoch, "ss_top1": max(branches["ss_top1"])}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
-        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],  # best: of best.pth
-                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics.update(
+            {
+                "lr": lr,
+                "test/top1": result["top1"],
+                "test/top5": result["top5"],  # best: of best.pth
+                "test/best_top1": best["top1"],
+                "speed/images_per_s": images_per_s,
+            }
+        )
         metrics.update({f"test/ss_top1_{l}": acc for l, acc in enumerate(branches["ss_top1"], 1)})
         logger.log(epoch, metrics)
         common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args))
         common.print_epoch(epoch, epochs, metrics, (time.time() - epoch_start) * (epochs - epoch - 1))
     for source, target in (("best.pth", cache_path.with_name(cache_path.stem + "_best.pth")), ("last.pth", cache_path)):
         checkpoint = common.load_checkpoint(run_dir / source, "stage 1's checkpoint")  # last: written last
-        common.save_checkpoint(target, {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
-                               | {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None})
+        common.save_checkpoint(
+            target,
+            {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
+            | {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None},
+        )
 
 
 def prepare_teacher(args, data, device, teacher_arch):
@@ -281,7 +314,9 @@ def prepare_teacher(args, data, device, teacher_arch):
     with torch.random.fork_rng(devices=[]):  # building a model to overwrite must not shift the seed's stream
         teacher = common.build_auxiliary_model(teacher_arch, data.num_classes)
     common.load_weights(teacher, checkpoint, str(path))
-    mode = checkpoint.get("teacher_mode", "unknown (--teacher-aux-path)" if args.teacher_aux_path else args.teacher_mode)
+    mode = checkpoint.get(
+        "teacher_mode", "unknown (--teacher-aux-path)" if args.teacher_aux_path else args.teacher_mode
+    )
     return common.prepare_model(teacher, device, args.amp).eval().requires_grad_(False), path, mode
 
 
@@ -298,15 +333,19 @@ if __name__ == "__main__":
     device = common.get_device(args.device)
     data = common.load_data(args, device)
     run_dir = common.prepare_run_dir(
-        args, f"hssakd_{args.teacher_mode}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}")
+        args, f"hssakd_{args.teacher_mode}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
+    )
 
     # --- METHOD: stage 1, a teacher with trained auxiliary classifiers; a student with fresh ones ---
     teacher, teacher_file, teacher_mode = prepare_teacher(args, data, device, teacher_arch)
     teacher_result = common.evaluate(teacher.backbone, data, args.eval_batch_size, args.amp)
     teacher_branches = common.auxiliary_accuracy(teacher, data, args.eval_batch_size, args.amp)
-    print(f"teacher {teacher.arch} ({teacher_mode}) from {teacher_file}: test top1 {teacher_result['top1']:.2f} "
-          f"top5 {teacher_result['top5']:.2f}; branch {4 * data.num_classes}-way top1 "
-          + " ".join(f"{acc:.2f}" for acc in teacher_branches["ss_top1"]), flush=True)
+    print(
+        f"teacher {teacher.arch} ({teacher_mode}) from {teacher_file}: test top1 {teacher_result['top1']:.2f} "
+        f"top5 {teacher_result['top5']:.2f}; branch {4 * data.num_classes}-way top1 "
+        + " ".join(f"{acc:.2f}" for acc in teacher_branches["ss_top1"]),
+        flush=True,
+    )
     common.seed_everything(args.seed, args.torch_deterministic)  # the student must not depend on stage 1 having run
     student = common.prepare_model(common.build_auxiliary_model(student_arch, data.num_classes), device, args.amp)
     # --- END METHOD ---
@@ -324,14 +363,23 @@ if __name__ == "__main__":
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
         for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
             # --- METHOD: 4 rotations after crop+flip (row 4i+k), KL of every branch and of the final classifier ---
-            rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)  # [4B, 3, 32, 32], [4B]
+            rotated, joint_labels = (
+                common.rotations(images),
+                common.rotation_joint_labels(labels),
+            )  # [4B, 3, 32, 32], [4B]
             with common.autocast(device, args.amp):
                 student_aux, student_logits = student(rotated)
                 with torch.no_grad():
                     teacher_aux, teacher_logits = teacher(rotated, detach_stages=True)
-            losses = student_loss(student_logits.float(), [branch.float() for branch in student_aux],
-                                  teacher_logits.float(), [branch.float() for branch in teacher_aux],
-                                  labels, joint_labels, args)
+            losses = student_loss(
+                student_logits.float(),
+                [branch.float() for branch in student_aux],
+                teacher_logits.float(),
+                [branch.float() for branch in teacher_aux],
+                labels,
+                joint_labels,
+                args,
+            )
             loss, loss_ce, upright_logits = losses.pop("total"), losses.pop("ce"), student_logits[0::4]
             for name, value in losses.items():
                 meter.add(f"loss/{name}", value, len(labels))
@@ -350,19 +398,47 @@ if __name__ == "__main__":
         result = common.evaluate(student.backbone, data, args.eval_batch_size, args.amp)  # branches unused
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
-            common.save_checkpoint(run_dir / "best.pth", common.model_payload(student.backbone, epoch + 1, result, args))
-        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
-                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+            common.save_checkpoint(
+                run_dir / "best.pth", common.model_payload(student.backbone, epoch + 1, result, args)
+            )
+        metrics.update(
+            {
+                "lr": lr,
+                "test/top1": result["top1"],
+                "test/top5": result["top5"],
+                "test/best_top1": best["top1"],
+                "speed/images_per_s": images_per_s,
+            }
+        )
         logger.log(epoch, metrics)
-        common.save_checkpoint(run_dir / "last.pth", common.training_state(
-            student.backbone, optimizer, epoch + 1, best, args,
-            auxiliary_classifier=student.auxiliary_classifier.state_dict()))
+        common.save_checkpoint(
+            run_dir / "last.pth",
+            common.training_state(
+                student.backbone,
+                optimizer,
+                epoch + 1,
+                best,
+                args,
+                auxiliary_classifier=student.auxiliary_classifier.state_dict(),
+            ),
+        )
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(student.backbone, data, args.eval_batch_size, args.amp)
     student_branches = common.auxiliary_accuracy(student, data, args.eval_batch_size, args.amp)
-    common.write_summary(run_dir, args, best, last, "hssakd", teacher_top1=teacher_result["top1"],
-                         teacher_mode=teacher_mode,
-                         teacher_file=str(teacher_file), teacher_arch=teacher.arch, student_arch=student_arch,
-                         teacher_ss_top1=teacher_branches["ss_top1"], teacher_class_top1=teacher_branches["class_top1"],
-                         student_ss_top1=student_branches["ss_top1"], student_class_top1=student_branches["class_top1"])
+    common.write_summary(
+        run_dir,
+        args,
+        best,
+        last,
+        "hssakd",
+        teacher_top1=teacher_result["top1"],
+        teacher_mode=teacher_mode,
+        teacher_file=str(teacher_file),
+        teacher_arch=teacher.arch,
+        student_arch=student_arch,
+        teacher_ss_top1=teacher_branches["ss_top1"],
+        teacher_class_top1=teacher_branches["class_top1"],
+        student_ss_top1=student_branches["ss_top1"],
+        student_class_top1=student_branches["class_top1"],
+    )

@@ -11,6 +11,7 @@ T = 4 (KL divergence, weight 0.9, scaled by T^2 so its gradient keeps the size o
 grows). Compared with baseline.py, the only changes are the teacher (loaded, or trained and cached
 when missing, and evaluated before the first student step) and the `kd_loss` term.
 """
+
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -105,7 +106,7 @@ def kd_loss(student_logits, teacher_logits, temperature):
     The T^2 keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)  # [B, C]
     teacher_probs = F.softmax(teacher_logits / temperature, dim=1)  # [B, C]
-    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
 if __name__ == "__main__":
@@ -158,8 +159,15 @@ if __name__ == "__main__":
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(student, epoch + 1, result, args))
-        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
-                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics.update(
+            {
+                "lr": lr,
+                "test/top1": result["top1"],
+                "test/top5": result["top5"],
+                "test/best_top1": best["top1"],
+                "speed/images_per_s": images_per_s,
+            }
+        )
         logger.log(epoch, metrics)
         common.save_checkpoint(run_dir / "last.pth", common.training_state(student, optimizer, epoch + 1, best, args))
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))

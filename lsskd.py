@@ -16,6 +16,7 @@ are pulled towards the backbone's final feature (L2). Compared with kd.py: no te
 4x larger (rotations), the network carries auxiliary branches, prediction buffers replace the
 teacher, the loss has four terms, and SGD uses Nesterov momentum (HSAKD's recipe).
 """
+
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -171,7 +172,7 @@ def distill_kl(student_logits, teacher_logits, temperature):
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, mean over rows."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     teacher_probs = F.softmax(teacher_logits / temperature, dim=1)
-    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
 def head_class_logits(head_logits):
@@ -230,10 +231,14 @@ def check_feature_map_shapes(arch, num_classes, include_last):
         feats, aux_maps, _, _ = model(torch.zeros(2, 3, 32, 32), is_feat=True, feature_maps=True)
     final_shape = tuple(feats[-2].shape[1:])
     aligned = aux_maps if include_last else aux_maps[:-1]
-    mismatched = [f"head {l}: {tuple(m.shape[1:])}" for l, m in enumerate(aligned, 1) if tuple(m.shape[1:]) != final_shape]
+    mismatched = [
+        f"head {l}: {tuple(m.shape[1:])}" for l, m in enumerate(aligned, 1) if tuple(m.shape[1:]) != final_shape
+    ]
     if mismatched:
-        raise common.ConfigError(f"--feat-level map: {arch}'s auxiliary feature maps do not match its final feature map "
-                                 f"{final_shape} (C, H, W): {', '.join(mismatched)}; use --feat-level pooled")
+        raise common.ConfigError(
+            f"--feat-level map: {arch}'s auxiliary feature maps do not match its final feature map "
+            f"{final_shape} (C, H, W): {', '.join(mismatched)}; use --feat-level pooled"
+        )
 
 
 def restore_buffer(buffer, checkpoint, key, path):
@@ -241,9 +246,11 @@ def restore_buffer(buffer, checkpoint, key, path):
     saved = checkpoint.get(key)
     if saved is None or saved.shape != buffer.shape or saved.dtype != buffer.dtype:
         found = "none" if saved is None else f"{tuple(saved.shape)} {saved.dtype}"
-        raise common.ConfigError(f"{path} holds {key} {found}, but this run needs {tuple(buffer.shape)} {buffer.dtype}: "
-                                 f"resume with the flags of the interrupted run (--final-rows, --*-soft-targets, "
-                                 f"--buffer-dtype, --train-subset, --dataset, --model)")
+        raise common.ConfigError(
+            f"{path} holds {key} {found}, but this run needs {tuple(buffer.shape)} {buffer.dtype}: "
+            f"resume with the flags of the interrupted run (--final-rows, --*-soft-targets, "
+            f"--buffer-dtype, --train-subset, --dataset, --model)"
+        )
     buffer.copy_(saved)
 
 
@@ -252,8 +259,11 @@ if __name__ == "__main__":
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.model)
     common.print_config(args, "lsskd")
-    print("LSSKD has no public code: flags marked [INTERP] in --help are this repository's reading of the "
-          "paper (docs/lsskd.md)", flush=True)
+    print(
+        "LSSKD has no public code: flags marked [INTERP] in --help are this repository's reading of the "
+        "paper (docs/lsskd.md)",
+        flush=True,
+    )
     # --- METHOD: the architecture, and map-level feature L2's shapes checked before any data or run folder ---
     arch = "MobileNetV2_hsakd" if args.model == "MobileNetV2" and args.mbv2_variant == "hsakd" else args.model
     if not common.auxiliary_supported(arch):
@@ -270,13 +280,21 @@ if __name__ == "__main__":
     model = common.prepare_model(common.build_auxiliary_model(arch, data.num_classes), device, args.amp)
     num_train, num_classes, num_heads = len(data.train_labels), data.num_classes, model.num_branches
     final_slots = 1 if args.final_rows == "upright" else 4
-    buffer_options = dict(dtype=BUFFER_DTYPES[args.buffer_dtype],
-                          device=torch.device("cpu") if args.buffer_device == "cpu" else device)
-    final_buffer = torch.zeros(num_train, final_slots, num_classes, **buffer_options) if args.final_soft_targets else None
-    aux_buffer = torch.zeros(num_train, num_heads, 4, 4 * num_classes, **buffer_options) if args.aux_soft_targets else None
-    megabytes = sum(b.numel() * b.element_size() for b in (final_buffer, aux_buffer) if b is not None) / 2 ** 20
-    print(f"{model.arch}: {num_heads} auxiliary heads; prediction buffers {megabytes:.0f} MB "
-          f"({args.buffer_dtype}, {buffer_options['device']})", flush=True)
+    buffer_options = dict(
+        dtype=BUFFER_DTYPES[args.buffer_dtype], device=torch.device("cpu") if args.buffer_device == "cpu" else device
+    )
+    final_buffer = (
+        torch.zeros(num_train, final_slots, num_classes, **buffer_options) if args.final_soft_targets else None
+    )
+    aux_buffer = (
+        torch.zeros(num_train, num_heads, 4, 4 * num_classes, **buffer_options) if args.aux_soft_targets else None
+    )
+    megabytes = sum(b.numel() * b.element_size() for b in (final_buffer, aux_buffer) if b is not None) / 2**20
+    print(
+        f"{model.arch}: {num_heads} auxiliary heads; prediction buffers {megabytes:.0f} MB "
+        f"({args.buffer_dtype}, {buffer_options['device']})",
+        flush=True,
+    )
     # --- END METHOD ---
     base_lr = common.default_lr(arch, args.learning_rate)
     optimizer = common.make_sgd(model.parameters(), base_lr, args)  # backbone and branches
@@ -294,9 +312,14 @@ if __name__ == "__main__":
         alpha = lsskd_alpha(epoch, args.epochs, args.alpha_T, args.alpha_schedule)
         model.train()
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, sample_ids in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+        for images, labels, sample_ids in common.train_batches(
+            data, args.batch_size, common.epoch_generator(args.seed, epoch)
+        ):
             # --- METHOD: 4 rotations after crop+flip (row 4b+k); targets from last epoch's predictions ---
-            rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)  # [4B, 3, 32, 32], [4B]
+            rotated, joint_labels = (
+                common.rotations(images),
+                common.rotation_joint_labels(labels),
+            )  # [4B, 3, 32, 32], [4B]
             batch = len(labels)
             final_labels = labels[:, None].expand(batch, final_slots)  # [B, R]: the class, for every used row
             aux_labels = joint_labels.view(batch, 1, 4).expand(batch, num_heads, 4)  # [B, L, 4]: 4y + k per head
@@ -310,11 +333,14 @@ if __name__ == "__main__":
                 aux_targets = F.one_hot(aux_labels, 4 * num_classes).float()
             aux_targets = per_head_rows(aux_targets)  # L x [4B, 4C]
             with common.autocast(device, args.amp):
-                feats, aux_feats, aux_logits, logits = model(rotated, is_feat=True, feature_maps=args.feat_level == "map")
+                feats, aux_feats, aux_logits, logits = model(
+                    rotated, is_feat=True, feature_maps=args.feat_level == "map"
+                )
             aux_logits, aux_feats = [head.float() for head in aux_logits], [feat.float() for feat in aux_feats]
             logits, final_feat = logits.float(), (feats[-2] if args.feat_level == "map" else feats[-1]).float()
-            losses = lsskd_loss(logits, aux_logits, aux_feats, final_feat,
-                                final_targets.flatten(0, 1), aux_targets, args)
+            losses = lsskd_loss(
+                logits, aux_logits, aux_feats, final_feat, final_targets.flatten(0, 1), aux_targets, args
+            )
             loss, upright_logits = losses.pop("total"), logits[0::4]
             for name, value in losses.items():
                 meter.add(f"loss/{name}", value, batch)
@@ -342,16 +368,34 @@ if __name__ == "__main__":
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(model.backbone, epoch + 1, result, args))
-        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
-                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics.update(
+            {
+                "lr": lr,
+                "test/top1": result["top1"],
+                "test/top5": result["top5"],
+                "test/best_top1": best["top1"],
+                "speed/images_per_s": images_per_s,
+            }
+        )
         metrics["lsskd/alpha"] = alpha  # --- METHOD: logged every epoch (checklist 4) ---
         logger.log(epoch, metrics)
-        common.save_checkpoint(run_dir / "last.pth", common.training_state(
-            model.backbone, optimizer, epoch + 1, best, args, auxiliary_classifier=model.auxiliary_classifier.state_dict(),
-            final_predictions=final_buffer, aux_predictions=aux_buffer))
+        common.save_checkpoint(
+            run_dir / "last.pth",
+            common.training_state(
+                model.backbone,
+                optimizer,
+                epoch + 1,
+                best,
+                args,
+                auxiliary_classifier=model.auxiliary_classifier.state_dict(),
+                final_predictions=final_buffer,
+                aux_predictions=aux_buffer,
+            ),
+        )
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
     heads = common.auxiliary_accuracy(model, data, args.eval_batch_size, args.amp)  # diagnostic only
-    common.write_summary(run_dir, args, best, last, "lsskd", arch=arch, aux_ss_top1=heads["ss_top1"],
-                         aux_class_top1=heads["class_top1"])
+    common.write_summary(
+        run_dir, args, best, last, "lsskd", arch=arch, aux_ss_top1=heads["ss_top1"], aux_class_top1=heads["class_top1"]
+    )

@@ -15,6 +15,7 @@ PreActResNet18), the buffer (saved in last.pth so `--resume` is exact), soft-tar
 CE + KL, PS-KD's recipe (300 epochs, batch 128, lr 0.1 Nesterov, x0.1 at 150 and 225), CIFAR-10
 normalisation constants, and test NLL and ECE logged beside the accuracy.
 """
+
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -137,8 +138,10 @@ def restore_predictions(predictions, checkpoint, path):
     saved = checkpoint.get("predictions")
     if saved is None or saved.shape != predictions.shape:
         found = "no prediction buffer" if saved is None else f"a buffer of shape {tuple(saved.shape)}"
-        raise common.ConfigError(f"{path} holds {found}, but this run needs {tuple(predictions.shape)}: "
-                                 f"resume with the flags of the interrupted run (--pskd, --train-subset, --dataset)")
+        raise common.ConfigError(
+            f"{path} holds {found}, but this run needs {tuple(predictions.shape)}: "
+            f"resume with the flags of the interrupted run (--pskd, --train-subset, --dataset)"
+        )
     predictions.copy_(saved)
 
 
@@ -174,7 +177,9 @@ if __name__ == "__main__":
         alpha = pskd_alpha(epoch, args.epochs, args.alpha_T)  # PS-KD: one alpha for every batch of the epoch
         model.train()
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, sample_ids in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+        for images, labels, sample_ids in common.train_batches(
+            data, args.batch_size, common.epoch_generator(args.seed, epoch)
+        ):
             # --- METHOD: PS-KD, targets from last epoch's predictions, built before the forward pass ---
             if args.pskd:
                 targets = read_targets(predictions, sample_ids, labels, alpha, first_epoch=epoch == 0)
@@ -205,16 +210,25 @@ if __name__ == "__main__":
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
-        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
-                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics.update(
+            {
+                "lr": lr,
+                "test/top1": result["top1"],
+                "test/top5": result["top5"],
+                "test/best_top1": best["top1"],
+                "speed/images_per_s": images_per_s,
+            }
+        )
         # --- METHOD: the alpha of the epoch and the calibration metrics the paper reports ---
         metrics.update({f"test/{name}": result[name] for name in ("nll", "ece") if name in result})
         if args.pskd:
             metrics["pskd/alpha"] = alpha
         # --- END METHOD ---
         logger.log(epoch, metrics)
-        common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args,
-                                                                           predictions=predictions))
+        common.save_checkpoint(
+            run_dir / "last.pth",
+            common.training_state(model, optimizer, epoch + 1, best, args, predictions=predictions),
+        )
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = evaluate(model, data, args.eval_batch_size, args.amp)

@@ -15,6 +15,7 @@ distribution between rotated and upright copies ("ss"). In the last two terms, t
 which the teacher errs worst are dropped ("selective transfer"). Compared with kd.py: the
 four-copy data pipeline, the two projection heads, the teacher-head stage and `sskd_loss`.
 """
+
 import contextlib
 import hashlib
 import json
@@ -225,7 +226,7 @@ def kl_per_row(student_scores, teacher_scores, temperature):
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)) of each row: [N, K] -> [N]."""
     log_student = F.log_softmax(student_scores / temperature, dim=1)
     teacher_probs = F.softmax(teacher_scores / temperature, dim=1)
-    return F.kl_div(log_student, teacher_probs, reduction="none").sum(dim=1) * temperature ** 2
+    return F.kl_div(log_student, teacher_probs, reduction="none").sum(dim=1) * temperature**2
 
 
 def mean_over_kept(values, keep):
@@ -233,26 +234,41 @@ def mean_over_kept(values, keep):
     return (values * keep).sum() / keep.sum().clamp_min(1)
 
 
-def sskd_loss(student_logits, teacher_logits, student_similarity, teacher_similarity, labels,
-              kd_T=4.0, tf_T=4.0, ss_T=0.5, ratio_tf=1.0, ratio_ss=0.75,
-              ce_weight=0.1, kd_weight=0.9, tf_weight=2.7, ss_weight=10.0, stable_sort=True):
+def sskd_loss(
+    student_logits,
+    teacher_logits,
+    student_similarity,
+    teacher_similarity,
+    labels,
+    kd_T=4.0,
+    tf_T=4.0,
+    ss_T=0.5,
+    ratio_tf=1.0,
+    ratio_ss=0.75,
+    ce_weight=0.1,
+    kd_weight=0.9,
+    tf_weight=2.7,
+    ss_weight=10.0,
+    stable_sort=True,
+):
     """SSKD's student loss (specs/sskd.md section 6). Logits are [4B, C] in the rotation layout,
     similarities [3B, B] (`similarity_matrix`), labels [B]. Returns ({"ce", "kd", "tf", "ss",
     "total"}, keep_tf [3B], keep_ss [3B]); the terms are unweighted, the total weighted."""
     student_upright, student_rotated = split_rotations(student_logits)  # [B, C], [3B, C]
     teacher_upright, teacher_rotated = split_rotations(teacher_logits)
-    keep_tf = selective_transfer_mask(F.softmax(teacher_rotated / tf_T, dim=1), labels.repeat_interleave(3),
-                                      ratio_tf, stable_sort)
-    keep_ss = selective_transfer_mask(teacher_similarity, positive_columns(teacher_similarity), ratio_ss,
-                                      stable_sort)
+    keep_tf = selective_transfer_mask(
+        F.softmax(teacher_rotated / tf_T, dim=1), labels.repeat_interleave(3), ratio_tf, stable_sort
+    )
+    keep_ss = selective_transfer_mask(teacher_similarity, positive_columns(teacher_similarity), ratio_ss, stable_sort)
     terms = {
         "ce": F.cross_entropy(student_upright, labels),  # only upright copies carry the hard label
         "kd": kl_per_row(student_upright, teacher_upright, kd_T).mean(),
         "tf": mean_over_kept(kl_per_row(student_rotated, teacher_rotated, tf_T), keep_tf),
         "ss": mean_over_kept(kl_per_row(student_similarity, teacher_similarity.detach(), ss_T), keep_ss),
     }
-    terms["total"] = (ce_weight * terms["ce"] + kd_weight * terms["kd"] + tf_weight * terms["tf"]
-                      + ss_weight * terms["ss"])
+    terms["total"] = (
+        ce_weight * terms["ce"] + kd_weight * terms["kd"] + tf_weight * terms["tf"] + ss_weight * terms["ss"]
+    )
     return terms, keep_tf, keep_ss
 
 
@@ -266,7 +282,7 @@ def ss_top1(model, head, data, batch_size, amp):
     device = data.test_labels.device
     correct, rows = torch.zeros((), device=device), 0
     for start in range(0, len(data.test_labels), batch_size):
-        images = data.normalize(common.rotations(data.test_images[start:start + batch_size]))
+        images = data.normalize(common.rotations(data.test_images[start : start + batch_size]))
         with common.autocast(device, amp):
             feats, _ = model(images, is_feat=True)
             similarity = similarity_matrix(head(feats[-1]))
@@ -301,23 +317,48 @@ def train_teacher_head(teacher, data, args, batches, log_path):
             images_seen += len(labels)
         metrics = meter.averages()
         if not math.isfinite(metrics["loss/head"]):
-            raise common.ConfigError(f"the teacher-head loss became non-finite in head epoch {epoch + 1}; "
-                                     f"lower --t-lr or turn off --amp and rerun")
+            raise common.ConfigError(
+                f"the teacher-head loss became non-finite in head epoch {epoch + 1}; "
+                f"lower --t-lr or turn off --amp and rerun"
+            )
         seconds = time.time() - epoch_start
-        metrics.update({"lr": lr, "test/ss_top1": ss_top1(teacher, head, data, args.batch_size, args.amp),
-                        "speed/images_per_s": images_seen / seconds})
+        metrics.update(
+            {
+                "lr": lr,
+                "test/ss_top1": ss_top1(teacher, head, data, args.batch_size, args.amp),
+                "speed/images_per_s": images_seen / seconds,
+            }
+        )
         with open(log_path, "a") as f:
             f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
-        print(f"head epoch {epoch + 1}/{args.t_epochs} lr {lr:.5f} | loss/head {metrics['loss/head']:.4f} | "
-              f"train/ss_top1 {metrics['train/ss_top1']:.2f} | test/ss_top1 {metrics['test/ss_top1']:.2f} | "
-              f"{metrics['speed/images_per_s']:.0f} img/s | "
-              f"eta {common.format_seconds(seconds * (args.t_epochs - epoch - 1))}", flush=True)
+        print(
+            f"head epoch {epoch + 1}/{args.t_epochs} lr {lr:.5f} | loss/head {metrics['loss/head']:.4f} | "
+            f"train/ss_top1 {metrics['train/ss_top1']:.2f} | test/ss_top1 {metrics['test/ss_top1']:.2f} | "
+            f"{metrics['speed/images_per_s']:.0f} img/s | "
+            f"eta {common.format_seconds(seconds * (args.t_epochs - epoch - 1))}",
+            flush=True,
+        )
     return head, metrics["test/ss_top1"]
 
 
 # Everything besides the teacher's weights that the trained head depends on.
-HEAD_RECIPE = ("dataset", "normalize", "train_subset", "batch_size", "t_epochs", "t_lr", "t_milestones",
-               "lr_gamma", "momentum", "nesterov", "weight_decay", "head_T", "head_seed", "rotation_pipeline", "amp")
+HEAD_RECIPE = (
+    "dataset",
+    "normalize",
+    "train_subset",
+    "batch_size",
+    "t_epochs",
+    "t_lr",
+    "t_milestones",
+    "lr_gamma",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "head_T",
+    "head_seed",
+    "rotation_pipeline",
+    "amp",
+)
 
 
 def teacher_head_cache_path(args, teacher_file):
@@ -333,15 +374,22 @@ def load_teacher_head(path, feat_dim):
     """A head saved by this file ({"head": ...}) or SSKD's ckpt/teacher.pth (wrapper keys proj_head.*)."""
     if not path.is_file():
         raise common.ConfigError(f"teacher head {path} does not exist; unset --teacher-head-path to train one")
-    checkpoint = common.load_checkpoint(path, "teacher head", "If it is a cached head, delete it and rerun to train it again.")
-    state = checkpoint.get("head") or {name.removeprefix("proj_head."): tensor for name, tensor in
-                                       common.extract_state_dict(checkpoint).items() if name.startswith("proj_head.")}
+    checkpoint = common.load_checkpoint(
+        path, "teacher head", "If it is a cached head, delete it and rerun to train it again."
+    )
+    state = checkpoint.get("head") or {
+        name.removeprefix("proj_head."): tensor
+        for name, tensor in common.extract_state_dict(checkpoint).items()
+        if name.startswith("proj_head.")
+    }
     head = ProjectionHead(feat_dim)
     try:
         head.load_state_dict(state)
     except RuntimeError as error:
-        raise common.ConfigError(f"{path} holds no projection head for a {feat_dim}-d teacher feature "
-                                 f"(check --teacher): {str(error).splitlines()[0]}") from None
+        raise common.ConfigError(
+            f"{path} holds no projection head for a {feat_dim}-d teacher feature "
+            f"(check --teacher): {str(error).splitlines()[0]}"
+        ) from None
     return head, checkpoint.get("test_ss_top1")
 
 
@@ -355,22 +403,32 @@ def get_teacher_head(teacher, teacher_file, data, args, batches, run_dir):
         with contextlib.nullcontext() if args.teacher_head_path else common.cache_lock(path):
             if args.teacher_head_path or path.exists():
                 head, test_ss = load_teacher_head(path, teacher.feat_dim)
-                print(f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""),
-                      flush=True)
+                print(
+                    f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""),
+                    flush=True,
+                )
             else:
                 print(f"no teacher head at {path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
                 head, test_ss = train_teacher_head(teacher, data, args, batches, run_dir / "head_metrics.jsonl")
-                common.save_checkpoint(path, {"head": head.state_dict(), "arch": args.teacher,
-                                              "feat_dim": teacher.feat_dim, "teacher_file": str(teacher_file),
-                                              "test_ss_top1": test_ss,
-                                              "recipe": {name: getattr(args, name) for name in HEAD_RECIPE}})
+                common.save_checkpoint(
+                    path,
+                    {
+                        "head": head.state_dict(),
+                        "arch": args.teacher,
+                        "feat_dim": teacher.feat_dim,
+                        "teacher_file": str(teacher_file),
+                        "test_ss_top1": test_ss,
+                        "recipe": {name: getattr(args, name) for name in HEAD_RECIPE},
+                    },
+                )
     return head.to(data.test_labels.device).eval().requires_grad_(False), path, test_ss
 
 
 def check_args(args):
     if not (0.0 <= args.ratio_tf <= 1.0 and 0.0 <= args.ratio_ss <= 1.0):
-        raise common.ConfigError("--ratio-tf and --ratio-ss are the fractions of teacher-wrong rows to keep: "
-                                 "use values in [0, 1]")
+        raise common.ConfigError(
+            "--ratio-tf and --ratio-ss are the fractions of teacher-wrong rows to keep: use values in [0, 1]"
+        )
     if min(args.kd_T, args.tf_T, args.ss_T, args.head_T) <= 0:
         raise common.ConfigError("--kd-T, --tf-T, --ss-T and --head-T must be positive")
     if args.t_epochs < 1 and not args.teacher_head_path:
@@ -398,9 +456,18 @@ if __name__ == "__main__":
     # --- METHOD: the student's projection head is trained with it ---
     student_head = ProjectionHead(student.feat_dim).to(device)
     trained_parameters = [*student.parameters(), *student_head.parameters()]  # the teacher is not optimised
-    loss_options = dict(kd_T=args.kd_T, tf_T=args.tf_T, ss_T=args.ss_T, ratio_tf=args.ratio_tf, ratio_ss=args.ratio_ss,
-                        ce_weight=args.ce_weight, kd_weight=args.kd_weight, tf_weight=args.tf_weight,
-                        ss_weight=args.ss_weight, stable_sort=args.stable_sort)
+    loss_options = dict(
+        kd_T=args.kd_T,
+        tf_T=args.tf_T,
+        ss_T=args.ss_T,
+        ratio_tf=args.ratio_tf,
+        ratio_ss=args.ratio_ss,
+        ce_weight=args.ce_weight,
+        kd_weight=args.kd_weight,
+        tf_weight=args.tf_weight,
+        ss_weight=args.ss_weight,
+        stable_sort=args.stable_sort,
+    )
     # --- END METHOD ---
     base_lr = common.default_lr(args.student, args.learning_rate)
     optimizer = common.make_sgd(trained_parameters, base_lr, args)
@@ -423,8 +490,9 @@ if __name__ == "__main__":
                     teacher_feats, teacher_logits = teacher(images, is_feat=True)
                     teacher_similarity = similarity_matrix(teacher_head(teacher_feats[-1]))
             student_logits = student_logits.float()  # [4B, C]
-            losses, keep_tf, keep_ss = sskd_loss(student_logits, teacher_logits.float(), student_similarity,
-                                                 teacher_similarity, labels, **loss_options)
+            losses, keep_tf, keep_ss = sskd_loss(
+                student_logits, teacher_logits.float(), student_similarity, teacher_similarity, labels, **loss_options
+            )
             loss_ce, loss = losses["ce"], losses["total"]
             for term in ("kd", "tf", "ss", "total"):
                 meter.add(f"loss/{term}", losses[term], len(labels))
@@ -447,13 +515,31 @@ if __name__ == "__main__":
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(student, epoch + 1, result, args))
-        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"],
-                        "test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics.update(
+            {
+                "lr": lr,
+                "test/top1": result["top1"],
+                "test/top5": result["top5"],
+                "test/best_top1": best["top1"],
+                "speed/images_per_s": images_per_s,
+            }
+        )
         logger.log(epoch, metrics)
-        common.save_checkpoint(run_dir / "last.pth", common.training_state(
-            student, optimizer, epoch + 1, best, args, student_head=student_head.state_dict()))
+        common.save_checkpoint(
+            run_dir / "last.pth",
+            common.training_state(student, optimizer, epoch + 1, best, args, student_head=student_head.state_dict()),
+        )
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(student, data, args.eval_batch_size, args.amp)
-    common.write_summary(run_dir, args, best, last, "sskd", teacher_top1=teacher_result["top1"], teacher_file=str(teacher_file),
-                         teacher_head_file=str(head_file), teacher_head_test_ss_top1=head_test_ss)
+    common.write_summary(
+        run_dir,
+        args,
+        best,
+        last,
+        "sskd",
+        teacher_top1=teacher_result["top1"],
+        teacher_file=str(teacher_file),
+        teacher_head_file=str(head_file),
+        teacher_head_test_ss_top1=head_test_ss,
+    )

@@ -8,6 +8,7 @@ is trained and cached once before timing. On the CPU the cores are divided betwe
 
   python benchmarks/concurrent_kd.py --data-dir /tmp/data --device cuda --jobs 1 4 8 --amp
 """
+
 import argparse
 import json
 import os
@@ -21,11 +22,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def kd_command(args, work, name, seed):
-    return [sys.executable, str(REPO / "kd.py"), "--dataset", args.dataset, "--data-dir", args.data_dir,
-            "--teacher", args.teacher, "--student", args.student, "--ce-teacher-epochs", "1",
-            "--checkpoint-dir", str(work / "checkpoints"), "--train-subset", str(args.train_subset), "--epochs", "2",
-            "--seed", str(seed), "--output-dir", str(work / "runs"), "--run-name", name,
-            *(["--device", args.device] if args.device else []), *(["--amp"] if args.amp else [])]
+    return [
+        sys.executable,
+        str(REPO / "kd.py"),
+        "--dataset",
+        args.dataset,
+        "--data-dir",
+        args.data_dir,
+        "--teacher",
+        args.teacher,
+        "--student",
+        args.student,
+        "--ce-teacher-epochs",
+        "1",
+        "--checkpoint-dir",
+        str(work / "checkpoints"),
+        "--train-subset",
+        str(args.train_subset),
+        "--epochs",
+        "2",
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(work / "runs"),
+        "--run-name",
+        name,
+        *(["--device", args.device] if args.device else []),
+        *(["--amp"] if args.amp else []),
+    ]
 
 
 def run_together(args, work, jobs):
@@ -34,15 +58,25 @@ def run_together(args, work, jobs):
     environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     names = [f"k{jobs}_{index}" for index in range(jobs)]
     start = time.time()
-    processes = [subprocess.Popen(kd_command(args, work, name, seed), env=environment, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for seed, name in enumerate(names, 1)]
+    processes = [
+        subprocess.Popen(
+            kd_command(args, work, name, seed),
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed, name in enumerate(names, 1)
+    ]
     for process in processes:
         _, stderr = process.communicate()
         if process.returncode != 0:
             sys.exit(f"kd.py failed:\n{stderr[-3000:]}")
     wall = time.time() - start
-    speeds = [json.loads((work / "runs" / name / "metrics.jsonl").read_text().splitlines()[-1])["speed/images_per_s"]
-              for name in names]
+    speeds = [
+        json.loads((work / "runs" / name / "metrics.jsonl").read_text().splitlines()[-1])["speed/images_per_s"]
+        for name in names
+    ]
     return sum(speeds), wall
 
 
@@ -65,22 +99,41 @@ def main():
         subprocess.run(kd_command(args, work, "warmup", 0), check=True, stdout=subprocess.DEVNULL)  # caches the teacher
         for jobs in args.jobs:
             aggregate, wall = run_together(args, work, jobs)
-            results[jobs] = {"aggregate_images_per_s": aggregate, "per_run_images_per_s": aggregate / jobs,
-                             "wall_s": wall}
-            print(f"K={jobs}: {aggregate:.0f} images/s together ({aggregate / jobs:.0f} per run), {wall:.0f} s wall",
-                  flush=True)
+            results[jobs] = {
+                "aggregate_images_per_s": aggregate,
+                "per_run_images_per_s": aggregate / jobs,
+                "wall_s": wall,
+            }
+            print(
+                f"K={jobs}: {aggregate:.0f} images/s together ({aggregate / jobs:.0f} per run), {wall:.0f} s wall",
+                flush=True,
+            )
     single = results[args.jobs[0]]["aggregate_images_per_s"]
-    print(f"\n{args.teacher} -> {args.student}, {args.dataset}, {args.train_subset} images, "
-          f"{'amp' if args.amp else 'fp32'}, device {args.device or 'default'}")
+    print(
+        f"\n{args.teacher} -> {args.student}, {args.dataset}, {args.train_subset} images, "
+        f"{'amp' if args.amp else 'fp32'}, device {args.device or 'default'}"
+    )
     print("| concurrent kd.py runs | aggregate images/s | per run | vs K = " + str(args.jobs[0]) + " |")
     print("|---|---|---|---|")
     for jobs, figures in results.items():
-        print(f"| {jobs} | {figures['aggregate_images_per_s']:.0f} | {figures['per_run_images_per_s']:.0f} | "
-              f"{figures['aggregate_images_per_s'] / single:.2f}x |")
+        print(
+            f"| {jobs} | {figures['aggregate_images_per_s']:.0f} | {figures['per_run_images_per_s']:.0f} | "
+            f"{figures['aggregate_images_per_s'] / single:.2f}x |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"benchmark": "concurrent_kd", "device": args.device or "default",
-                                               "amp": args.amp, "pair": f"{args.teacher}->{args.student}",
-                                               "results": results}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "benchmark": "concurrent_kd",
+                    "device": args.device or "default",
+                    "amp": args.amp,
+                    "pair": f"{args.teacher}->{args.student}",
+                    "results": results,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

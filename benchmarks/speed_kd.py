@@ -12,6 +12,7 @@ the median images/s per configuration is printed.
 
   python benchmarks/speed_kd.py --dataset cifar10 --data-dir /tmp/cifar10
 """
+
 import argparse
 import json
 import statistics
@@ -84,17 +85,23 @@ def main():
     dataset = PILCifar(images, labels, transform)
 
     def ours(amp):
-        args = argparse.Namespace(dataset=options.dataset, data_dir=options.data_dir, normalize="repdistiller",
-                                  train_subset=None, amp=amp)
+        args = argparse.Namespace(
+            dataset=options.dataset, data_dir=options.data_dir, normalize="repdistiller", train_subset=None, amp=amp
+        )
         data = common.load_data(args, device)
-        epoch = iter(range(10 ** 9))
+        epoch = iter(range(10**9))
         return endless(lambda: common.train_batches(data, options.batch_size, common.epoch_generator(0, next(epoch))))
 
     configs = {}
     for workers in options.workers:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, shuffle=True,
-                                             num_workers=workers, persistent_workers=workers > 0,
-                                             pin_memory=device.type == "cuda")  # as the official scripts on GPUs
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=options.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+        )  # as the official scripts on GPUs
         configs[f"dataloader/w{workers}"] = (endless(lambda loader=loader: iter(loader)), False)
     configs["ours/fp32"] = (ours(False), False)
     configs["ours/amp"] = (ours(True), True)
@@ -129,16 +136,28 @@ def main():
             print(f"round {round_index + 1} {name}: {results[name][-1]:.0f} img/s", flush=True)
 
     reference = max(statistics.median(results[f"dataloader/w{w}"]) for w in options.workers)
-    print(f"\n{options.teacher} -> {options.student}, batch {options.batch_size}, device {device}, "
-          f"{torch.get_num_threads()} threads, median of {options.rounds} rounds x {options.steps} steps")
+    print(
+        f"\n{options.teacher} -> {options.student}, batch {options.batch_size}, device {device}, "
+        f"{torch.get_num_threads()} threads, median of {options.rounds} rounds x {options.steps} steps"
+    )
     for name, values in results.items():
         median = statistics.median(values)
         print(f"{name:16s} {median:8.0f} img/s  {median / reference:5.2f}x the fastest DataLoader")
     if options.json:
-        Path(options.json).write_text(json.dumps({
-            "benchmark": "speed_kd", "device": str(device), **common.runtime_info(device),
-            "pair": f"{options.teacher}->{options.student}", "batch_size": options.batch_size,
-            "images_per_s": {name: statistics.median(values) for name, values in results.items()}}, indent=1) + "\n")
+        Path(options.json).write_text(
+            json.dumps(
+                {
+                    "benchmark": "speed_kd",
+                    "device": str(device),
+                    **common.runtime_info(device),
+                    "pair": f"{options.teacher}->{options.student}",
+                    "batch_size": options.batch_size,
+                    "images_per_s": {name: statistics.median(values) for name, values in results.items()},
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ css.py trains two css_resnet56 networks together (its smallest pair, at its own 
   python benchmarks/speed_methods.py --data-dir /tmp/cifar10 --dataset cifar10 --methods kd sskd hssakd lsskd
   python benchmarks/speed_methods.py --data-dir /tmp/data --device cuda --amp --methods kd sskd hssakd pskd lsskd css
 """
+
 import argparse
 import json
 import statistics
@@ -43,12 +44,36 @@ def run(method, args, work, run_name):
     elif method == "css":
         models = ["--model-t", "css_resnet56", "--model-s", "css_resnet56"]
     else:
-        models = ["--teacher", args.teacher, "--student", args.student, "--ce-teacher-epochs", "1",
-                  "--checkpoint-dir", str(work / "checkpoints")]
-    command = [sys.executable, str(REPO / f"{method}.py"), "--dataset", args.dataset, "--data-dir", args.data_dir,
-               *models, "--train-subset", str(args.train_subset), "--epochs", "2", "--run-name", run_name,
-               "--output-dir", str(work / "runs"), *STAGE_FLAGS[method], *(["--amp"] if args.amp else []),
-               *(["--device", args.device] if args.device else [])]
+        models = [
+            "--teacher",
+            args.teacher,
+            "--student",
+            args.student,
+            "--ce-teacher-epochs",
+            "1",
+            "--checkpoint-dir",
+            str(work / "checkpoints"),
+        ]
+    command = [
+        sys.executable,
+        str(REPO / f"{method}.py"),
+        "--dataset",
+        args.dataset,
+        "--data-dir",
+        args.data_dir,
+        *models,
+        "--train-subset",
+        str(args.train_subset),
+        "--epochs",
+        "2",
+        "--run-name",
+        run_name,
+        "--output-dir",
+        str(work / "runs"),
+        *STAGE_FLAGS[method],
+        *(["--amp"] if args.amp else []),
+        *(["--device", args.device] if args.device else []),
+    ]
     done = subprocess.run(command, cwd=work, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{method}.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -83,18 +108,30 @@ def main():
                 print(f"round {round_index}: {method:8s} {speeds[method][-1]:8.1f} images/s", flush=True)
 
     kd_speed = statistics.median(speeds["kd"])
-    print(f"\n{args.teacher} -> {args.student}, {args.dataset}, {args.train_subset} images, "
-          f"{'amp' if args.amp else 'fp32'}, median of {args.rounds} rounds")
+    print(
+        f"\n{args.teacher} -> {args.student}, {args.dataset}, {args.train_subset} images, "
+        f"{'amp' if args.amp else 'fp32'}, median of {args.rounds} rounds"
+    )
     print("| script | loader images/s | vs kd.py | time per loader batch vs kd.py |")
     print("|---|---|---|---|")
     for method in methods:
         speed = statistics.median(speeds[method])
         print(f"| {method}.py | {speed:.0f} | {speed / kd_speed:.2f}x | {kd_speed / speed:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "benchmark": "speed_methods", "device": args.device or "default", "amp": args.amp,
-            "pair": f"{args.teacher}->{args.student}", "train_subset": args.train_subset,
-            "images_per_s": {method: statistics.median(values) for method, values in speeds.items()}}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "benchmark": "speed_methods",
+                    "device": args.device or "default",
+                    "amp": args.amp,
+                    "pair": f"{args.teacher}->{args.student}",
+                    "train_subset": args.train_subset,
+                    "images_per_s": {method: statistics.median(values) for method, values in speeds.items()},
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared fixtures: miniature CIFAR-10 and CIFAR-100 folders in the official python pickle layout
 (tools/synthetic_cifar.py), so tests exercise the real loading path (common.load_cifar) without internet."""
+
 import json
 import os
 import subprocess
@@ -30,8 +31,14 @@ def cifar_dir(tmp_path_factory):
 def run_script(script, *args, cwd, env=None):
     """Run a repository script as a user would; returns the CompletedProcess (never raises)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 # The spec's zoo_state_dicts.json: name -> {"params": count, "state_dict": {key: shape}} for 100

@@ -1,6 +1,7 @@
 """--amp (bf16 autocast + channels_last) through every method script on the CPU: the path a CUDA run
 takes, exercised here. Each script runs one tiny epoch in fp32 and once with --amp from the same
 seed; the first epoch's losses must agree to bf16 precision and stay finite."""
+
 import json
 import math
 

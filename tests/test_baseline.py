@@ -1,4 +1,5 @@
 """baseline.py end to end, and the errors every script gives for bad input."""
+
 import json
 import signal
 import subprocess
@@ -53,8 +54,18 @@ def test_same_seed_gives_identical_metrics(trained_run):
 def test_eval_only_reports_the_saved_accuracy(trained_run, cifar_dir):
     runs, _ = trained_run
     summary = json.loads((runs / "first" / "summary.json").read_text())
-    result = run_script("baseline.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--model", "resnet8",
-                        "--eval-checkpoint", runs / "first" / "best.pth", cwd=runs)
+    result = run_script(
+        "baseline.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--eval-checkpoint",
+        runs / "first" / "best.pth",
+        cwd=runs,
+    )
     assert result.returncode == 0, result.stderr
     assert f"test top1 {summary['best_top1']:.2f}" in result.stdout
 
@@ -68,8 +79,20 @@ def test_best_checkpoint_is_a_repdistiller_teacher_file(trained_run):
 
 def test_existing_run_is_not_overwritten_without_resume(trained_run, cifar_dir):
     runs, _ = trained_run
-    result = run_script("baseline.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--model", "resnet8",
-                        "--epochs", "1", "--run-name", "first", cwd=runs.parent)
+    result = run_script(
+        "baseline.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--run-name",
+        "first",
+        cwd=runs.parent,
+    )
     assert result.returncode != 0 and "--resume" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -80,8 +103,9 @@ def test_unknown_architecture_is_refused_with_the_valid_names(tmp_path, cifar_di
 
 
 def test_missing_data_dir_names_the_missing_files(tmp_path):
-    result = run_script("baseline.py", "--data-dir", tmp_path / "empty", "--epochs", "1", cwd=tmp_path,
-                        env={"KD_NO_DOWNLOAD": "1"})
+    result = run_script(
+        "baseline.py", "--data-dir", tmp_path / "empty", "--epochs", "1", cwd=tmp_path, env={"KD_NO_DOWNLOAD": "1"}
+    )
     assert result.returncode != 0
     assert "cifar-100-python" in result.stderr and "--data-dir" in result.stderr
     assert "Traceback" not in result.stderr
@@ -89,49 +113,139 @@ def test_missing_data_dir_names_the_missing_files(tmp_path):
 
 def test_teacher_checkpoint_of_another_architecture_is_refused(trained_run, cifar_dir, tmp_path):
     runs, _ = trained_run
-    ours = run_script("kd.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--teacher", "resnet14",
-                      "--student", "resnet8", "--teacher-path", runs / "first" / "best.pth", cwd=tmp_path)
+    ours = run_script(
+        "kd.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet14",
+        "--student",
+        "resnet8",
+        "--teacher-path",
+        runs / "first" / "best.pth",
+        cwd=tmp_path,
+    )
     assert ours.returncode != 0 and "holds a resnet8" in ours.stderr and "resnet14" in ours.stderr
     foreign = tmp_path / "repdistiller_style.pth"  # a bare {"model": state_dict}: no arch recorded
     torch.save({"model": torch.load(runs / "first" / "best.pth", weights_only=False)["model"]}, foreign)
-    result = run_script("kd.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--teacher", "resnet14",
-                        "--student", "resnet8", "--teacher-path", foreign, cwd=tmp_path)
+    result = run_script(
+        "kd.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet14",
+        "--student",
+        "resnet8",
+        "--teacher-path",
+        foreign,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "does not match resnet14" in result.stderr and "missing" in result.stderr
 
 
 def test_teacher_with_the_wrong_number_of_classes_is_refused(trained_run, cifar_dir, tmp_path):
     runs, _ = trained_run  # trained on CIFAR-10, used for CIFAR-100
-    result = run_script("kd.py", "--dataset", "cifar100", "--data-dir", cifar_dir, "--teacher", "resnet8",
-                        "--student", "resnet8", "--teacher-path", runs / "first" / "best.pth", cwd=tmp_path)
+    result = run_script(
+        "kd.py",
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--teacher-path",
+        runs / "first" / "best.pth",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "10 classes" in result.stderr and "100" in result.stderr
     foreign = tmp_path / "foreign.pth"
     torch.save({"state_dict": torch.load(runs / "first" / "best.pth", weights_only=False)["model"]}, foreign)
-    result = run_script("kd.py", "--dataset", "cifar100", "--data-dir", cifar_dir, "--teacher", "resnet8",
-                        "--student", "resnet8", "--teacher-path", foreign, cwd=tmp_path)
+    result = run_script(
+        "kd.py",
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--teacher-path",
+        foreign,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "wrong shape: fc.weight (10, 64) vs (100, 64)" in result.stderr
 
 
 def test_missing_teacher_file_is_refused(cifar_dir, tmp_path):
-    result = run_script("kd.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--teacher", "resnet8",
-                        "--student", "resnet8", "--teacher-path", tmp_path / "nope.pth", cwd=tmp_path)
+    result = run_script(
+        "kd.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--teacher-path",
+        tmp_path / "nope.pth",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "nope.pth does not exist" in result.stderr
 
 
 def test_diverging_loss_stops_with_advice(cifar_dir, tmp_path):
-    result = run_script("baseline.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--model", "resnet8",
-                        "--epochs", "1", "--learning-rate", "1e12", cwd=tmp_path)
+    result = run_script(
+        "baseline.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "1e12",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "non-finite" in result.stderr and "--learning-rate" in result.stderr
 
 
 def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, cifar_dir):
-    flags = ["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--model", "resnet8", "--epochs", "10",
-             "--train-subset", "256", "--lr-milestones", "3", "6"]
+    flags = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(cifar_dir),
+        "--model",
+        "resnet8",
+        "--epochs",
+        "10",
+        "--train-subset",
+        "256",
+        "--lr-milestones",
+        "3",
+        "6",
+    ]
     straight = run_script("baseline.py", *flags, "--run-name", "straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     for attempt in range(3):  # on a loaded 2-core machine the run can finish before the signal lands: try again
         name = f"cut{attempt}"
-        process = subprocess.Popen([sys.executable, str(REPO / "baseline.py"), *flags, "--run-name", name],
-                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "baseline.py"), *flags, "--run-name", name],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         checkpoint = tmp_path / "runs" / name / "last.pth"  # appears atomically once epoch 1 is finished
         deadline = time.time() + 300
         while not checkpoint.exists() and time.time() < deadline:
@@ -148,5 +262,6 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
     a = torch.load(tmp_path / "runs" / "straight" / "last.pth", weights_only=False)["model"]
     b = torch.load(checkpoint, weights_only=False)["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
-    assert without_speed(read_metrics(tmp_path / "runs" / "straight")) == \
-        without_speed(read_metrics(tmp_path / "runs" / name))
+    assert without_speed(read_metrics(tmp_path / "runs" / "straight")) == without_speed(
+        read_metrics(tmp_path / "runs" / name)
+    )

@@ -1,5 +1,6 @@
 """Infrastructure in common.py: data loading, on-device augmentation, rotations, schedule, argument
 parsing and checkpoint loading."""
+
 import dataclasses
 import pickle
 from typing import Literal, Optional, Tuple
@@ -32,6 +33,7 @@ def test_load_cifar_reads_the_official_pickle_layout(cifar_dir):
 def test_missing_data_without_download_names_the_files(tmp_path, monkeypatch):
     def offline(dataset, data_dir):
         raise OSError("no network")
+
     monkeypatch.setattr(common, "_download", offline)
     with pytest.raises(common.ConfigError, match=r"cifar-100-python.*train.*no network"):
         common.load_cifar("cifar100", tmp_path / "nothing_here")
@@ -61,7 +63,7 @@ def test_standard_augment_gives_a_pad4_crop_or_its_mirror():
     augmented = common.standard_augment(images, torch.Generator().manual_seed(2))
     for i in range(16):
         padded = TF.pad(images[i], [4])
-        candidates = [padded[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        candidates = [padded[:, y : y + 32, x : x + 32] for y in range(9) for x in range(9)]
         assert any(torch.equal(augmented[i], c) or torch.equal(augmented[i], c.flip(2)) for c in candidates)
 
 
@@ -79,8 +81,12 @@ def test_train_batches_visit_every_image_once_with_its_own_label(cifar_dir):
 
 
 def test_normalize_is_totensor_then_normalize():
-    data = common.CifarData(*(torch.empty(0),) * 4, 10, torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1),
-                            torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1))
+    data = common.CifarData(
+        *(torch.empty(0),) * 4,
+        10,
+        torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1),
+        torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1),
+    )
     image = torch.tensor([[[[0]], [[255]], [[51]]]], dtype=torch.uint8)
     expected = torch.tensor([(0 - 0.5) / 0.2, (1 - 0.4) / 0.25, (0.2 - 0.3) / 0.5])
     assert torch.allclose(data.normalize(image).flatten(), expected)
@@ -143,6 +149,7 @@ def test_parse_args_builds_the_command_line_from_the_dataclass(capsys):
 
 def test_kd_args_help_documents_every_field():
     import kd
+
     docs = common._field_docs(kd.Args)
     assert set(docs) == {field.name for field in dataclasses.fields(kd.Args)}
     assert all(text.strip() for text in docs.values())

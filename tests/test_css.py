@@ -1,6 +1,7 @@
 """css.py: the CSS networks against the spec's reference, mask placement, joint labels, the loss
 terms against hand-computed values, the detach policy, the aggregation rule, and one end-to-end
 run that is interrupted and resumed."""
+
 import json
 import math
 
@@ -10,8 +11,17 @@ import torch.nn.functional as F
 
 import common
 from conftest import ZOO_REFERENCE, run_script
-from css import (Args, aggregate_branches, branch_ce_loss, branch_diversity, branch_joint_labels,
-                 branch_kd_loss, branch_mask, branch_masks, css_loss)
+from css import (
+    Args,
+    aggregate_branches,
+    branch_ce_loss,
+    branch_diversity,
+    branch_joint_labels,
+    branch_kd_loss,
+    branch_mask,
+    branch_masks,
+    css_loss,
+)
 
 CSS_NAMES = ("css_resnet56", "css_resnet110", "css_wide_resnet20_8")
 
@@ -26,6 +36,7 @@ def parameter_count(modules):
 
 # ---- networks (zoo.md 4.3) ----
 
+
 @pytest.mark.parametrize("name", CSS_NAMES)
 def test_css_network_state_dict_and_parameter_count_equal_the_reference(name):
     model = common.build_css_resnet(name, 100)
@@ -33,8 +44,9 @@ def test_css_network_state_dict_and_parameter_count_equal_the_reference(name):
     assert parameter_count([model]) == ZOO_REFERENCE[name]["params"]
 
 
-@pytest.mark.parametrize("name, trunk, branch", [("css_resnet56", 141_264, 524_588),
-                                                  ("css_resnet110", 275_280, 946_988)])
+@pytest.mark.parametrize(
+    "name, trunk, branch", [("css_resnet56", 141_264, 524_588), ("css_resnet110", 275_280, 946_988)]
+)
 def test_css_network_shares_stem_layer1_layer2_and_owns_layer3_and_classifier_per_branch(name, trunk, branch):
     model = common.build_css_resnet(name, 100)
     assert parameter_count([model.conv1, model.bn1, model.layer1, model.layer2]) == trunk
@@ -53,6 +65,7 @@ def test_css_network_outputs_one_column_of_joint_logits_per_branch():
 
 
 # ---- feature-level transformation (css.md section 3) ----
+
 
 def zeroed_cells(mask):
     return sorted(map(tuple, (mask == 0).nonzero().tolist()))
@@ -86,7 +99,8 @@ def test_branch_i_sees_the_layer2_output_times_mask_i_on_every_channel(train_mod
     model.layer2.register_forward_hook(lambda module, inputs, output: seen.__setitem__("shared", output))
     for i in range(3):
         getattr(model, f"layer3_{i}").register_forward_pre_hook(
-            lambda module, inputs, i=i: seen.__setitem__(i, inputs[0]))
+            lambda module, inputs, i=i: seen.__setitem__(i, inputs[0])
+        )
     with torch.no_grad():
         model(torch.randn(4, 3, 32, 32), masks)
     shared = seen["shared"]  # [4, 128, 16, 16], post-ReLU so mostly non-zero
@@ -106,6 +120,7 @@ def test_masked_forward_runs_under_bf16_autocast_and_channels_last():
 
 
 # ---- augmented labels and losses (css.md sections 4-5) ----
+
 
 def test_branch_i_is_trained_on_joint_label_y_times_branches_plus_i():
     assert branch_joint_labels(torch.tensor([2, 5]), 3).tolist() == [[6, 7, 8], [15, 16, 17]]
@@ -130,8 +145,10 @@ def test_branch_kd_loss_golden_value():
 def test_branch_kd_loss_pairs_same_numbered_branches_only():
     generator = torch.Generator().manual_seed(0)
     learner, target = torch.randn(2, 4, 30, 3, generator=generator)
-    per_branch = [F.kl_div(F.log_softmax(learner[:, :, i] / 3, 1), F.softmax(target[:, :, i] / 3, 1),
-                           reduction="batchmean") * 9 for i in range(3)]
+    per_branch = [
+        F.kl_div(F.log_softmax(learner[:, :, i] / 3, 1), F.softmax(target[:, :, i] / 3, 1), reduction="batchmean") * 9
+        for i in range(3)
+    ]
     assert branch_kd_loss(learner, target, 3.0).item() == pytest.approx(sum(per_branch).item() / 3, rel=1e-5)
     swapped = target[:, :, [1, 0, 2]]
     assert branch_kd_loss(learner, swapped, 3.0).item() != pytest.approx(branch_kd_loss(learner, target, 3.0).item())
@@ -169,12 +186,16 @@ def official_train_py_loss(out_t, out_s, targets, n, T, detached=False):
     partner_t, partner_s = (out_t.detach(), out_s.detach()) if detached else (out_t, out_s)
     ce_t = sum(F.cross_entropy(out_t[:, :, i], targets * n + i) / n for i in range(n))
     ce_s = sum(F.cross_entropy(out_s[:, :, i], targets * n + i) / n for i in range(n))
-    t2s = sum(F.kl_div(F.log_softmax(out_t[:, :, i] / T, 1), F.softmax(partner_s[:, :, i] / T, 1),
-                       reduction="batchmean") / n for i in range(n))
-    s2t = sum(F.kl_div(F.log_softmax(out_s[:, :, i] / T, 1), F.softmax(partner_t[:, :, i] / T, 1),
-                       reduction="batchmean") / n for i in range(n))
+    t2s = sum(
+        F.kl_div(F.log_softmax(out_t[:, :, i] / T, 1), F.softmax(partner_s[:, :, i] / T, 1), reduction="batchmean") / n
+        for i in range(n)
+    )
+    s2t = sum(
+        F.kl_div(F.log_softmax(out_s[:, :, i] / T, 1), F.softmax(partner_t[:, :, i] / T, 1), reduction="batchmean") / n
+        for i in range(n)
+    )
     alpha_1, alpha_2 = (ce_t / ce_s, ce_s / ce_t) if not detached else ((ce_t / ce_s).detach(), (ce_s / ce_t).detach())
-    return (ce_s + alpha_2 * s2t * T ** 2) + (ce_t + alpha_1 * t2s * T ** 2)
+    return (ce_s + alpha_2 * s2t * T**2) + (ce_t + alpha_1 * t2s * T**2)
 
 
 @pytest.mark.parametrize("flags, detached", [((False, False), False), ((True, True), True)])
@@ -211,6 +232,7 @@ def test_literal_default_lets_both_kd_terms_and_both_ratios_train_each_network()
 
 # ---- prediction (css.md section 6) ----
 
+
 def test_prediction_averages_each_branch_logits_of_its_own_slot():
     # C = 2, n_b = 2: branch 0 owns joint labels 0, 2 (c*2+0), branch 1 owns 1, 3.
     logits = torch.zeros(1, 4, 2)
@@ -231,15 +253,24 @@ def test_branch_diversity_golden_value():
 
 # ---- recipe (css.md section 7) ----
 
+
 def test_defaults_follow_the_code_recipe_and_lr_warms_up_then_decays_at_149_and_224():
     args = Args()
-    assert (args.model_t, args.model_s, args.epochs, args.batch_size, args.branches, args.kd_T) == \
-        ("css_resnet110", "css_resnet56", 300, 128, 3, 3.0)
+    assert (args.model_t, args.model_s, args.epochs, args.batch_size, args.branches, args.kd_T) == (
+        "css_resnet110",
+        "css_resnet56",
+        300,
+        128,
+        3,
+        3.0,
+    )
     assert (args.momentum, args.nesterov, args.weight_decay) == (0.9, False, 5e-4)
     assert args.normalize is None  # css.py resolves it to CSS's CIFAR-10 constants on both datasets
     assert not args.detach_kd_target and not args.detach_ratio and args.mask == "corners" and not args.literal_mask3
-    lrs = [common.lr_with_warmup(e, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
-           for e in range(args.epochs)]
+    lrs = [
+        common.lr_with_warmup(e, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
+        for e in range(args.epochs)
+    ]
     assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.10])
     assert set(lrs[5:149]) == {0.1}
     assert lrs[149:224] == pytest.approx([0.01] * 75) and lrs[224:] == pytest.approx([0.001] * 76)
@@ -247,13 +278,27 @@ def test_defaults_follow_the_code_recipe_and_lr_warms_up_then_decays_at_149_and_
 
 # ---- end to end ----
 
+
 def test_css_run_reports_three_accuracies_and_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, cifar_dir):
     # One batch per epoch so the epoch averages obey the per-batch identities.
-    flags = ["--data-dir", cifar_dir, "--model-t", "css_resnet56", "--train-subset", 32, "--batch-size", 32,
-             "--eval-batch-size", 200, "--log-diversity"]
+    flags = [
+        "--data-dir",
+        cifar_dir,
+        "--model-t",
+        "css_resnet56",
+        "--train-subset",
+        32,
+        "--batch-size",
+        32,
+        "--eval-batch-size",
+        200,
+        "--log-diversity",
+    ]
     straight = run_script("css.py", *flags, "--epochs", 2, "--run-name", "straight", cwd=tmp_path)
     stopped = run_script("css.py", *flags, "--epochs", 1, "--run-name", "resumed", cwd=tmp_path)
-    resumed = run_script("css.py", *flags, "--epochs", 2, "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path)
+    resumed = run_script(
+        "css.py", *flags, "--epochs", 2, "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path
+    )
     for result in (straight, stopped, resumed):
         assert result.returncode == 0, result.stderr
     assert "resumed from" in resumed.stdout
@@ -266,8 +311,11 @@ def test_css_run_reports_three_accuracies_and_resumes_to_the_weights_of_an_unint
     assert first["loss/kd_t_from_s"] > 0 and first["loss/kd_s_from_t"] > 0
     assert first["weight/alpha1"] == pytest.approx(first["loss/ce_t"] / first["loss/ce_s"], rel=1e-5)
     assert first["loss/total"] == pytest.approx(
-        first["loss/ce"] + first["weight/alpha1"] * first["loss/kd_t_from_s"]
-        + first["weight/alpha2"] * first["loss/kd_s_from_t"], rel=1e-5)
+        first["loss/ce"]
+        + first["weight/alpha1"] * first["loss/kd_t_from_s"]
+        + first["weight/alpha2"] * first["loss/kd_s_from_t"],
+        rel=1e-5,
+    )
     for row in rows:
         assert row["test/top1"] == row["test/net2_top1"] and row["test/top5"] == row["test/net2_top5"]
         for name in ("net1", "net2", "ensemble"):
@@ -284,7 +332,9 @@ def test_css_run_reports_three_accuracies_and_resumes_to_the_weights_of_an_unint
     assert summary["args"]["detach_kd_target"] is False and summary["args"]["detach_ratio"] is False
     for checkpoint in ("best.pth", "best_net1.pth"):
         path = tmp_path / "runs" / "straight" / checkpoint  # RepDistiller-style {"model": ...} files
-        common.load_weights(common.build_css_resnet("css_resnet56", 100), torch.load(path, weights_only=False), str(path))
+        common.load_weights(
+            common.build_css_resnet("css_resnet56", 100), torch.load(path, weights_only=False), str(path)
+        )
 
     a = torch.load(tmp_path / "runs" / "straight" / "last.pth", weights_only=False)
     b = torch.load(tmp_path / "runs" / "resumed" / "last.pth", weights_only=False)

@@ -4,6 +4,7 @@ bit-identically, checkpoints move between CPU and GPU, and the training data is 
 
 Skipped where CUDA is absent (CI). KD_TEST_DEVICE=cpu runs the same checks on the CPU, which is how
 benchmarks/gpu_check.sh --cpu-tiny proves them on a machine without a GPU."""
+
 import json
 import math
 import os
@@ -15,7 +16,9 @@ import common
 from conftest import run_script
 
 DEVICE = os.environ.get("KD_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="CUDA is not available (KD_TEST_DEVICE=cpu runs these on the CPU)")
+pytestmark = pytest.mark.skipif(
+    DEVICE is None, reason="CUDA is not available (KD_TEST_DEVICE=cpu runs these on the CPU)"
+)
 
 TINY = ["--dataset", "cifar100", "--train-subset", "64", "--batch-size", "32", "--epochs", "1"]
 TEACHER = ["--teacher", "resnet8", "--student", "resnet8", "--ce-teacher-epochs", "1"]
@@ -44,15 +47,16 @@ def assert_same_weights(a, b, stderr=""):
         for name, tensor in a[part].items():
             if not torch.equal(tensor, b[part][name]):
                 culprits = sorted({line.strip() for line in stderr.splitlines() if "deterministic" in line})
-                pytest.fail(f"{part}.{name} differs between two seeded runs; ops without a deterministic "
-                            f"implementation reported by torch: {culprits or 'none'}")
+                pytest.fail(
+                    f"{part}.{name} differs between two seeded runs; ops without a deterministic "
+                    f"implementation reported by torch: {culprits or 'none'}"
+                )
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
 @pytest.mark.parametrize("script", METHODS)
 def test_each_method_trains_one_tiny_epoch_on_the_device(script, amp, tmp_path, cifar_dir):
-    result = run_script(script, *flags(script, cifar_dir, *(["--amp"] if amp else [])), "--run-name", "r",
-                        cwd=tmp_path)
+    result = run_script(script, *flags(script, cifar_dir, *(["--amp"] if amp else [])), "--run-name", "r", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"device: {DEVICE}" in result.stdout
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
@@ -65,8 +69,16 @@ def test_each_method_trains_one_tiny_epoch_on_the_device(script, amp, tmp_path, 
 
 @pytest.mark.parametrize("script", METHODS)
 def test_two_seeded_deterministic_runs_end_with_identical_weights(script, tmp_path, cifar_dir):
-    runs = [run_script(script, *flags(script, cifar_dir, "--torch-deterministic", "--epochs", "2"), "--run-name", name,
-                       cwd=tmp_path) for name in ("a", "b")]
+    runs = [
+        run_script(
+            script,
+            *flags(script, cifar_dir, "--torch-deterministic", "--epochs", "2"),
+            "--run-name",
+            name,
+            cwd=tmp_path,
+        )
+        for name in ("a", "b")
+    ]
     for result in runs:
         assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "runs" / "a"), weights(tmp_path / "runs" / "b"), runs[0].stderr)
@@ -76,8 +88,15 @@ def test_two_seeded_deterministic_runs_end_with_identical_weights(script, tmp_pa
 def test_an_interrupted_then_resumed_run_ends_bit_identical(script, tmp_path, cifar_dir):
     straight = run_script(script, *flags(script, cifar_dir, "--epochs", "2"), "--run-name", "straight", cwd=tmp_path)
     first = run_script(script, *flags(script, cifar_dir, "--epochs", "1"), "--run-name", "resumed", cwd=tmp_path)
-    second = run_script(script, *flags(script, cifar_dir, "--epochs", "2"), "--run-name", "resumed", "--resume",
-                        "--resume-with-changes", cwd=tmp_path)  # the epoch count is the only change
+    second = run_script(
+        script,
+        *flags(script, cifar_dir, "--epochs", "2"),
+        "--run-name",
+        "resumed",
+        "--resume",
+        "--resume-with-changes",
+        cwd=tmp_path,
+    )  # the epoch count is the only change
     for result in (straight, first, second):
         assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "runs" / "straight"), weights(tmp_path / "runs" / "resumed"))
@@ -90,8 +109,9 @@ def test_a_checkpoint_saved_on_the_cpu_loads_on_the_device_and_back(tmp_path):
     on_device = common.load_model_file("resnet8", 10, tmp_path / "cpu.pth").to(DEVICE).eval()
     with torch.no_grad():
         torch.testing.assert_close(on_device(images.to(DEVICE)).cpu(), model(images), rtol=1e-4, atol=1e-4)
-    common.save_checkpoint(tmp_path / "device.pth", {"model": on_device.state_dict(), "arch": "resnet8",
-                                                     "num_classes": 10})
+    common.save_checkpoint(
+        tmp_path / "device.pth", {"model": on_device.state_dict(), "arch": "resnet8", "num_classes": 10}
+    )
     back = common.load_model_file("resnet8", 10, tmp_path / "device.pth")  # map_location="cpu" inside
     assert all(tensor.device.type == "cpu" for tensor in back.state_dict().values())
     for name, tensor in back.state_dict().items():
@@ -100,8 +120,9 @@ def test_a_checkpoint_saved_on_the_cpu_loads_on_the_device_and_back(tmp_path):
 
 def test_training_data_is_copied_to_the_device_once_not_per_step(cifar_dir, monkeypatch):
     device = torch.device(DEVICE)
-    args = type("A", (), dict(dataset="cifar100", data_dir=cifar_dir, normalize="repdistiller", train_subset=None,
-                              amp=False))
+    args = type(
+        "A", (), dict(dataset="cifar100", data_dir=cifar_dir, normalize="repdistiller", train_subset=None, amp=False)
+    )
     data = common.load_data(args, device)
     assert data.train_images.device.type == device.type and data.test_images.device.type == device.type
     copies = []  # (bytes) of every host -> device copy made while iterating an epoch
@@ -112,6 +133,7 @@ def test_training_data_is_copied_to_the_device_once_not_per_step(cifar_dir, monk
         if tensor.device.type == "cpu" and moved.device.type != "cpu":
             copies.append(tensor.numel() * tensor.element_size())
         return moved
+
     monkeypatch.setattr(torch.Tensor, "to", recording_to)
     batches = list(common.train_batches(data, 32, common.epoch_generator(1, 0)))
     assert all(images.device.type == device.type for images, _, _ in batches)

@@ -1,5 +1,6 @@
 """hssakd.py and common's auxiliary classifiers: golden loss values, the rotation/joint-label layout,
 the branch architectures against the spec's reference maps, the frozen teacher, and end-to-end runs."""
+
 import dataclasses
 import json
 import math
@@ -15,11 +16,21 @@ from hssakd import Args, check_pair, distill_kl, stage1_cache_path, student_loss
 
 # zoo name -> reference entry of zoo_state_dicts.json (hssakd.md section 4 table)
 AUX_REFERENCE = {
-    "resnet20": "resnet20_aux", "resnet56": "resnet56_aux", "resnet8x4": "resnet8x4_aux",
-    "resnet32x4": "resnet32x4_aux", "wrn_16_2": "wrn_16_2_aux", "wrn_40_1": "wrn_40_1_aux",
-    "wrn_40_2": "wrn_40_2_aux", "vgg13": "vgg13_bn_aux", "vgg8": "vgg8_bn_aux",
-    "MobileNetV2_hsakd": "mobilenetV2_aux", "ShuffleV1": "ShuffleV1_aux", "ShuffleV2": "ShuffleV2_aux",
-    "ResNet50": "ResNet50_aux", "resnet110": "resnet110_aux", "resnet32": "resnet32_aux",
+    "resnet20": "resnet20_aux",
+    "resnet56": "resnet56_aux",
+    "resnet8x4": "resnet8x4_aux",
+    "resnet32x4": "resnet32x4_aux",
+    "wrn_16_2": "wrn_16_2_aux",
+    "wrn_40_1": "wrn_40_1_aux",
+    "wrn_40_2": "wrn_40_2_aux",
+    "vgg13": "vgg13_bn_aux",
+    "vgg8": "vgg8_bn_aux",
+    "MobileNetV2_hsakd": "mobilenetV2_aux",
+    "ShuffleV1": "ShuffleV1_aux",
+    "ShuffleV2": "ShuffleV2_aux",
+    "ResNet50": "ResNet50_aux",
+    "resnet110": "resnet110_aux",
+    "resnet32": "resnet32_aux",
 }
 
 # hssakd.md section 4, "auxiliary (per branch 1 ... L)" column
@@ -48,8 +59,16 @@ def meta_aux(name, num_classes=100):
 
 
 def loss_args(**overrides):
-    return SimpleNamespace(**{"kd_T": 3.0, "ce_weight": 1.0, "kl_p_weight": 1.0, "kl_q_weight": 1.0,
-                              "student_aux_ce_weight": 0.0, **overrides})
+    return SimpleNamespace(
+        **{
+            "kd_T": 3.0,
+            "ce_weight": 1.0,
+            "kl_p_weight": 1.0,
+            "kl_q_weight": 1.0,
+            "student_aux_ce_weight": 0.0,
+            **overrides,
+        }
+    )
 
 
 def stage1_files(tmp_path, prefix):
@@ -132,8 +151,9 @@ def test_student_loss_terms_golden_values():
 def test_student_loss_weights_and_aux_ce_ablation():
     inputs = student_golden_inputs()
     plain = student_loss(*inputs, loss_args())
-    weighted = student_loss(*inputs, loss_args(ce_weight=0.5, kl_p_weight=2.0, kl_q_weight=0.0,
-                                               student_aux_ce_weight=1.0))
+    weighted = student_loss(
+        *inputs, loss_args(ce_weight=0.5, kl_p_weight=2.0, kl_q_weight=0.0, student_aux_ce_weight=1.0)
+    )
     # Zero student branch logits: CE = ln 8 per branch, 2 branches.
     assert weighted["aux_ce"].item() == pytest.approx(2 * math.log(8), abs=1e-6)
     expected = 0.5 * plain["ce"] + 2.0 * plain["kl_p"] + 2 * math.log(8)
@@ -155,8 +175,9 @@ def test_auxiliary_kl_gradient_reaches_the_student_backbone():
     aux_logits, logits = student(rotated)
     teacher_aux = [torch.randn_like(branch) for branch in aux_logits]
     only_kl_q = loss_args(ce_weight=0.0, kl_p_weight=0.0)
-    student_loss(logits, aux_logits, logits.detach(), teacher_aux, labels,
-                 common.rotation_joint_labels(labels), only_kl_q)["total"].backward()
+    student_loss(
+        logits, aux_logits, logits.detach(), teacher_aux, labels, common.rotation_joint_labels(labels), only_kl_q
+    )["total"].backward()
     assert student.backbone.conv1.weight.grad.abs().sum() > 0
     assert student.backbone.fc.weight.grad.abs().sum() == 0  # the final classifier is not in kl_q
     # HSAKD's grad=False (the frozen teacher): branches train, the backbone gets nothing.
@@ -184,13 +205,20 @@ def test_auxiliary_model_parameters_and_keys_equal_hsakd_reference(name):
 @pytest.mark.parametrize("name", BRANCH_PARAMS)
 def test_each_branch_has_the_spec_parameter_count(name):
     classifier = meta_aux(name).auxiliary_classifier
-    counts = [sum(p.numel() for key, p in classifier.named_parameters() if key.split(".")[0] in
-              (f"block_extractor{l}", f"fc{l}", f"bn{l}", f"conv2_{l}")) for l in range(1, classifier.num_branches + 1)]
+    counts = [
+        sum(
+            p.numel()
+            for key, p in classifier.named_parameters()
+            if key.split(".")[0] in (f"block_extractor{l}", f"fc{l}", f"bn{l}", f"conv2_{l}")
+        )
+        for l in range(1, classifier.num_branches + 1)
+    ]
     assert counts == BRANCH_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "MobileNetV2_hsakd",
-                                  "ShuffleV1", "ShuffleV2", "ResNet50"])
+@pytest.mark.parametrize(
+    "name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "MobileNetV2_hsakd", "ShuffleV1", "ShuffleV2", "ResNet50"]
+)
 def test_branches_take_the_spec_inputs_and_end_at_the_last_stage_resolution(name):
     model = meta_aux(name)
     feats, _ = model.backbone(torch.empty(2, 3, 32, 32, device="meta"), is_feat=True)
@@ -199,8 +227,12 @@ def test_branches_take_the_spec_inputs_and_end_at_the_last_stage_resolution(name
         out = getattr(model.auxiliary_classifier, f"block_extractor{l}")(feats[index])
         assert out.shape[-1] == last_stage_size, (l, tuple(out.shape))
         assert out.shape[1] == (160 if name.startswith("MobileNetV2") else model.feat_dim)  # then conv2_l: 1280
-    expected_inputs = {"vgg8": (0, 1, 2, 4), "MobileNetV2": (1, 2, 3, 4), "MobileNetV2_hsakd": (1, 2, 3, 4),
-                       "ResNet50": (1, 2, 3, 4)}.get(name, (1, 2, 3))
+    expected_inputs = {
+        "vgg8": (0, 1, 2, 4),
+        "MobileNetV2": (1, 2, 3, 4),
+        "MobileNetV2_hsakd": (1, 2, 3, 4),
+        "ResNet50": (1, 2, 3, 4),
+    }.get(name, (1, 2, 3))
     assert model.branch_inputs == expected_inputs
     feats, aux_feats, aux_logits, logits = model(torch.empty(2, 3, 32, 32, device="meta"), is_feat=True)
     assert [tuple(x.shape) for x in aux_logits] == [(2, 400)] * len(expected_inputs)
@@ -217,15 +249,20 @@ def test_branches_are_fresh_weights_not_shared_with_the_backbone():
 
 def conv_std_ratio(module):
     """Mean of std(conv weight) / sqrt(2 / fan_out) over the module's larger convs (1 for HSAKD's init)."""
-    ratios = [m.weight.std().item() / math.sqrt(2.0 / (m.weight.shape[0] * m.weight[0, 0].numel()))
-              for m in module.modules() if isinstance(m, nn.Conv2d) and m.weight.numel() >= 4096]
+    ratios = [
+        m.weight.std().item() / math.sqrt(2.0 / (m.weight.shape[0] * m.weight[0, 0].numel()))
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d) and m.weight.numel() >= 4096
+    ]
     return sum(ratios) / len(ratios)
 
 
 def test_branch_init_per_family_including_pytorch_defaults_for_vgg_and_shufflev2():
     torch.manual_seed(0)
-    resnet, wrn, mbv2, vgg, shufflev2 = (common.build_auxiliary_model(name, 100).auxiliary_classifier
-                                         for name in ("resnet8", "wrn_16_1", "MobileNetV2", "vgg8", "ShuffleV2"))
+    resnet, wrn, mbv2, vgg, shufflev2 = (
+        common.build_auxiliary_model(name, 100).auxiliary_classifier
+        for name in ("resnet8", "wrn_16_1", "MobileNetV2", "vgg8", "ShuffleV2")
+    )
     for classifier in (resnet, wrn, mbv2):
         assert conv_std_ratio(classifier) == pytest.approx(1.0, rel=0.1)
         assert torch.count_nonzero(classifier.fc1.bias) == 0
@@ -263,16 +300,20 @@ def test_pairs_with_different_branch_counts_are_refused():
 def test_branch_accuracy_counts_joint_and_summed_class_predictions():
     class Oracle(nn.Module):
         """One branch that predicts 4y + k for rotated row k of a test image of class y."""
+
         num_branches = 1
 
         def forward(self, rotated):
-            labels = self.labels[:len(rotated) // 4]
+            labels = self.labels[: len(rotated) // 4]
             logits = torch.zeros(len(rotated), 40)
             logits[torch.arange(len(rotated)), common.rotation_joint_labels(labels)] = 1.0
             return [logits], None
 
-    data = SimpleNamespace(test_labels=torch.tensor([3, 9, 0]), test_images=torch.zeros(3, 3, 32, 32, dtype=torch.uint8),
-                           normalize=lambda images: images.float())
+    data = SimpleNamespace(
+        test_labels=torch.tensor([3, 9, 0]),
+        test_images=torch.zeros(3, 3, 32, 32, dtype=torch.uint8),
+        normalize=lambda images: images.float(),
+    )
     oracle = Oracle()
     oracle.labels = data.test_labels
     assert common.auxiliary_accuracy(oracle, data, 8, False) == {"ss_top1": [100.0], "class_top1": [100.0]}
@@ -296,15 +337,32 @@ def test_stage1_cache_name_tracks_teacher_file_and_recipe_but_not_the_student_se
 def test_defaults_follow_the_hsakd_recipe():
     args = Args()
     assert (args.nesterov, args.momentum, args.weight_decay, args.batch_size, args.epochs) == (True, 0.9, 5e-4, 64, 240)
-    assert (args.kd_T, args.teacher_mode, args.teacher_ckpt, args.mbv2_variant) == (3.0, "frozen", "last", "repdistiller")
+    assert (args.kd_T, args.teacher_mode, args.teacher_ckpt, args.mbv2_variant) == (
+        3.0,
+        "frozen",
+        "last",
+        "repdistiller",
+    )
     assert args.lr_milestones == (150, 180, 210) and args.teacher_lr == 0.05 and args.student_aux_ce_weight == 0.0
     assert common.default_lr("ShuffleV2") == 0.01 and common.default_lr("resnet20") == 0.05
 
 
 # ---- end to end (tiny: resnet8 pairs, 64 images, one epoch per stage) ----
 
-TINY = ["--dataset", "cifar100", "--teacher", "resnet8", "--student", "resnet8", "--train-subset", "64", "--batch-size", "32",
-        "--teacher-epochs", "1"]
+TINY = [
+    "--dataset",
+    "cifar100",
+    "--teacher",
+    "resnet8",
+    "--student",
+    "resnet8",
+    "--train-subset",
+    "64",
+    "--batch-size",
+    "32",
+    "--teacher-epochs",
+    "1",
+]
 
 
 def test_frozen_mode_trains_ce_teacher_then_branches_caches_stage1_and_distils(tmp_path, cifar_dir):
@@ -326,7 +384,9 @@ def test_frozen_mode_trains_ce_teacher_then_branches_caches_stage1_and_distils(t
     with torch.random.fork_rng():
         backbone = common.build_model("resnet8", 100)
     initial = common.AuxiliaryModel(backbone, 400).state_dict()
-    assert not torch.equal(stage1["model"]["auxiliary_classifier.fc1.weight"], initial["auxiliary_classifier.fc1.weight"])
+    assert not torch.equal(
+        stage1["model"]["auxiliary_classifier.fc1.weight"], initial["auxiliary_classifier.fc1.weight"]
+    )
     [teacher_epoch] = read_metrics(tmp_path / "runs" / f"teacher_{stage1_file.stem}_cifar100")
     assert teacher_epoch["loss/aux_ce"] == pytest.approx(3 * math.log(400), rel=0.25)  # 3 fresh 400-way branches
     assert teacher_epoch["lr"] == 0.05
@@ -343,7 +403,9 @@ def test_frozen_mode_trains_ce_teacher_then_branches_caches_stage1_and_distils(t
     assert 0 < metrics["loss/ce"] < 3 * math.log(100)
     assert metrics["loss/kl_q"] == pytest.approx(sum(metrics[f"loss/kl_q_{l}"] for l in (1, 2, 3)), rel=1e-4)
     assert metrics["loss/kl_p"] > 0 and all(metrics[f"loss/kl_q_{l}"] > 0 for l in (1, 2, 3))
-    assert metrics["loss/total"] == pytest.approx(metrics["loss/ce"] + metrics["loss/kl_q"] + metrics["loss/kl_p"], rel=1e-4)
+    assert metrics["loss/total"] == pytest.approx(
+        metrics["loss/ce"] + metrics["loss/kl_q"] + metrics["loss/kl_p"], rel=1e-4
+    )
     assert metrics["speed/images_per_s"] > 0 and summary["last_top1"] == pytest.approx(metrics["test/top1"])
     assert torch.load(run_dir / "best.pth", weights_only=False)["arch"] == "resnet8"  # a plain zoo checkpoint
 
@@ -366,7 +428,9 @@ def test_joint_mode_trains_teacher_from_scratch_and_resume_is_exact(tmp_path, ci
     assert not torch.equal(stage1["model"]["backbone.conv1.weight"], untrained["backbone.conv1.weight"])  # trained
 
     stopped = run_script("hssakd.py", *flags, "--epochs", "1", "--run-name", "resumed", cwd=tmp_path)
-    resumed = run_script("hssakd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path)
+    resumed = run_script(
+        "hssakd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path
+    )
     for result in (stopped, resumed):
         assert result.returncode == 0, result.stderr
     assert "resumed from" in resumed.stdout and "stage 1:" not in resumed.stdout

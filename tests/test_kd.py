@@ -1,4 +1,5 @@
 """kd.py: the KD loss against hand-computed values, its invariants, and end-to-end runs."""
+
 import json
 import math
 
@@ -49,8 +50,22 @@ def test_kd_gradient_reaches_only_the_student():
 
 
 def test_kd_trains_a_missing_teacher_caches_it_and_distils(tmp_path, cifar_dir):
-    common_flags = ["--dataset", "cifar100", "--data-dir", cifar_dir, "--teacher", "resnet8", "--student", "resnet8",
-                    "--ce-teacher-epochs", "1", "--epochs", "1", "--batch-size", "64"]
+    common_flags = [
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--ce-teacher-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+    ]
     first = run_script("kd.py", *common_flags, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "training one with baseline.py" in first.stdout
@@ -81,14 +96,40 @@ def test_kd_trains_a_missing_teacher_caches_it_and_distils(tmp_path, cifar_dir):
 
 
 def test_kd_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, cifar_dir):
-    teacher = run_script("baseline.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--model", "resnet8",
-                         "--epochs", "1", "--run-name", "teacher", cwd=tmp_path)
+    teacher = run_script(
+        "baseline.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--run-name",
+        "teacher",
+        cwd=tmp_path,
+    )
     assert teacher.returncode == 0, teacher.stderr
-    flags = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--teacher", "resnet8", "--student", "resnet8",
-             "--teacher-path", tmp_path / "runs" / "teacher" / "last.pth", "--lr-milestones", "1"]
+    flags = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--teacher-path",
+        tmp_path / "runs" / "teacher" / "last.pth",
+        "--lr-milestones",
+        "1",
+    ]
     straight = run_script("kd.py", *flags, "--epochs", "2", "--run-name", "straight", cwd=tmp_path)
     stopped = run_script("kd.py", *flags, "--epochs", "1", "--run-name", "resumed", cwd=tmp_path)
-    resumed = run_script("kd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path)
+    resumed = run_script(
+        "kd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path
+    )
     for result in (straight, stopped, resumed):
         assert result.returncode == 0, result.stderr
     assert "resumed from" in resumed.stdout
@@ -108,12 +149,39 @@ def test_kd_amp_runs_bf16_on_cpu(tmp_path, cifar_dir):
     model = common.prepare_model(common.build_model("resnet8", 10), torch.device("cpu"), amp=True)
     with common.autocast(torch.device("cpu"), True):
         assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
-    teacher = run_script("baseline.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--model", "resnet8",
-                         "--epochs", "1", "--run-name", "teacher", "--amp", cwd=tmp_path)
+    teacher = run_script(
+        "baseline.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--run-name",
+        "teacher",
+        "--amp",
+        cwd=tmp_path,
+    )
     assert teacher.returncode == 0, teacher.stderr
-    student = run_script("kd.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--teacher", "resnet8",
-                         "--student", "resnet8", "--teacher-path", tmp_path / "runs" / "teacher" / "best.pth",
-                         "--epochs", "1", "--amp", cwd=tmp_path)
+    student = run_script(
+        "kd.py",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--teacher-path",
+        tmp_path / "runs" / "teacher" / "best.pth",
+        "--epochs",
+        "1",
+        "--amp",
+        cwd=tmp_path,
+    )
     assert student.returncode == 0, student.stderr
     [metrics] = read_metrics(tmp_path / "runs" / "kd_resnet8_resnet8_cifar10_seed1")
     assert math.isfinite(metrics["loss/total"]) and 0 < metrics["loss/ce"] < 3 * math.log(10)

@@ -1,6 +1,7 @@
 """lsskd.py: every loss term against hand-computed values, the flags that switch terms off (and the
 reductions to HSAKD's joint teacher loss and to PS-KD), where gradients flow, the per-head
 prediction buffers (layout, sample ids, epoch 0, fp16, write timing, resume), and end-to-end runs."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -13,9 +14,23 @@ import common
 import hssakd
 import pskd
 from conftest import run_script
-from lsskd import (Args, check_feature_map_shapes, deep_to_shallow_kl, distill_kl, feature_alignment,
-                   head_class_logits, lsskd_alpha, lsskd_loss, per_head_rows, per_sample, progressive_targets, read_targets, record_predictions, restore_buffer,
-                   soft_cross_entropy)
+from lsskd import (
+    Args,
+    check_feature_map_shapes,
+    deep_to_shallow_kl,
+    distill_kl,
+    feature_alignment,
+    head_class_logits,
+    lsskd_alpha,
+    lsskd_loss,
+    per_head_rows,
+    per_sample,
+    progressive_targets,
+    read_targets,
+    record_predictions,
+    restore_buffer,
+    soft_cross_entropy,
+)
 
 
 def read_metrics(run_dir):
@@ -118,8 +133,9 @@ def test_soft_cross_entropy_golden_values():
     expected = -(0.5 * math.log(low) + 0.5 * math.log(high))
     assert soft_cross_entropy(logits, targets, temperature=2.0).item() == pytest.approx(expected)
     hard = torch.randn(5, 7), torch.randint(0, 7, (5,))
-    assert soft_cross_entropy(hard[0], F.one_hot(hard[1], 7).float()).item() == \
-        pytest.approx(F.cross_entropy(*hard).item(), rel=1e-6)
+    assert soft_cross_entropy(hard[0], F.one_hot(hard[1], 7).float()).item() == pytest.approx(
+        F.cross_entropy(*hard).item(), rel=1e-6
+    )
 
 
 def test_distill_kl_golden_value_with_t_squared():
@@ -130,8 +146,11 @@ def test_distill_kl_golden_value_with_t_squared():
 
 def test_deep_to_shallow_kl_deepest_and_chain_golden_values():
     # softmax of the three heads at T = 1: [1/5, 4/5], [1/4, 3/4], [3/4, 1/4]
-    heads = [torch.tensor([[0.0, math.log(4.0)]]), torch.tensor([[0.0, math.log(3.0)]]),
-             torch.tensor([[math.log(3.0), 0.0]])]
+    heads = [
+        torch.tensor([[0.0, math.log(4.0)]]),
+        torch.tensor([[0.0, math.log(3.0)]]),
+        torch.tensor([[math.log(3.0), 0.0]]),
+    ]
     p1, p2, p3 = [0.2, 0.8], [0.25, 0.75], [0.75, 0.25]
     deepest = kl_by_hand(p3, p1) + kl_by_hand(p3, p2)  # head 3 teaches heads 1 and 2
     chain = kl_by_hand(p2, p1) + kl_by_hand(p3, p2)  # head 2 teaches 1, head 3 teaches 2
@@ -194,8 +213,9 @@ def test_final_teacher_trains_every_head_and_never_the_final_classifier():
 
 def test_lsskd_loss_passes_the_final_rows_to_the_final_teacher():
     logits, aux_logits, aux_feats, final_feat, _, final_targets, aux_targets = small_batch()
-    terms = lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets,
-                       loss_args(kl_teacher="final"))
+    terms = lsskd_loss(
+        logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets, loss_args(kl_teacher="final")
+    )
     torch.testing.assert_close(terms["kl"], deep_to_shallow_kl(aux_logits, 3.0, "final", logits[0::4]))
 
 
@@ -220,7 +240,9 @@ def test_feature_maps_of_cifar_resnet_branches_match_the_last_stage_and_pool_to_
 
 def test_map_level_alignment_names_the_mismatched_shapes():
     check_feature_map_shapes("resnet8x4", 100, include_last=True)  # CIFAR ResNets: every map is [w3, 8, 8]
-    with pytest.raises(common.ConfigError, match=r"ShuffleV2.*\(464, 4, 4\).*head 1: \(1024, 4, 4\).*--feat-level pooled"):
+    with pytest.raises(
+        common.ConfigError, match=r"ShuffleV2.*\(464, 4, 4\).*head 1: \(1024, 4, 4\).*--feat-level pooled"
+    ):
         check_feature_map_shapes("ShuffleV2", 100, include_last=False)
 
 
@@ -273,8 +295,9 @@ def test_final_rows_all_uses_every_rotated_row_of_the_final_classifier():
 def test_switched_off_terms_add_nothing_even_when_not_finite():
     logits, aux_logits, aux_feats, final_feat, _, final_targets, aux_targets = small_batch()
     aux_feats = [torch.full_like(feat, float("nan")) for feat in aux_feats]
-    terms = lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets,
-                       loss_args(lambda_kl=0.0, lambda_feat=0.0))
+    terms = lsskd_loss(
+        logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets, loss_args(lambda_kl=0.0, lambda_feat=0.0)
+    )
     assert math.isnan(terms["feat"].item())  # still logged
     torch.testing.assert_close(terms["total"], terms["final"] + terms["sad"])
 
@@ -284,12 +307,19 @@ def test_hard_targets_without_kl_and_l2_are_hsakds_joint_teacher_loss():
     logits, aux_logits, aux_feats, final_feat, labels, _, _ = small_batch()
     logits.requires_grad_()
     joint = common.rotation_joint_labels(labels)
-    terms = lsskd_loss(logits, aux_logits, aux_feats, final_feat, F.one_hot(labels, 5).float(),
-                       [F.one_hot(joint, 20).float()] * 3, loss_args(lambda_kl=0.0, lambda_feat=0.0))
+    terms = lsskd_loss(
+        logits,
+        aux_logits,
+        aux_feats,
+        final_feat,
+        F.one_hot(labels, 5).float(),
+        [F.one_hot(joint, 20).float()] * 3,
+        loss_args(lambda_kl=0.0, lambda_feat=0.0),
+    )
     reference = hssakd.teacher_loss(logits, aux_logits, labels, joint)
     torch.testing.assert_close(terms["total"], reference["total"])
-    ours, = torch.autograd.grad(terms["total"], logits)
-    theirs, = torch.autograd.grad(reference["total"], logits)
+    (ours,) = torch.autograd.grad(terms["total"], logits)
+    (theirs,) = torch.autograd.grad(reference["total"], logits)
     torch.testing.assert_close(ours, theirs)
 
 
@@ -346,16 +376,36 @@ def test_feature_alignment_leaves_the_last_stage_alone_by_default(network):
 
 
 def tiny_flags(cifar_dir, *extra):
-    return ["--dataset", "cifar100", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "64",
-            "--batch-size", "32", *extra]
+    return [
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--train-subset",
+        "64",
+        "--batch-size",
+        "32",
+        *extra,
+    ]
 
 
 def test_lsskd_resumed_run_ends_with_the_weights_and_buffers_of_an_uninterrupted_one(tmp_path, cifar_dir):
     straight = run_script("lsskd.py", *tiny_flags(cifar_dir), "--epochs", "2", "--run-name", "straight", cwd=tmp_path)
     stopped = run_script("lsskd.py", *tiny_flags(cifar_dir), "--epochs", "1", "--run-name", "resumed", cwd=tmp_path)
     stopped_buffer = load_run(tmp_path / "runs" / "resumed")["aux_predictions"]
-    resumed = run_script("lsskd.py", *tiny_flags(cifar_dir), "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes",
-                         cwd=tmp_path)
+    resumed = run_script(
+        "lsskd.py",
+        *tiny_flags(cifar_dir),
+        "--epochs",
+        "2",
+        "--run-name",
+        "resumed",
+        "--resume",
+        "--resume-with-changes",
+        cwd=tmp_path,
+    )
     for result in (straight, stopped, resumed):
         assert result.returncode == 0, result.stderr
     assert "resumed from" in resumed.stdout
@@ -371,8 +421,10 @@ def test_lsskd_resumed_run_ends_with_the_weights_and_buffers_of_an_uninterrupted
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][slot]["momentum_buffer"])
     # The 1-epoch run had E = 1, so it logged alpha_0 = 0.8 instead of 0.4; epoch-0 targets are one-hot
     # whatever alpha is, which is why the weights agree. Everything else must be equal.
-    strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith("speed/") and
-                           (k, row["epoch"]) != ("lsskd/alpha", 1)} for row in rows]
+    strip = lambda rows: [
+        {k: v for k, v in row.items() if not k.startswith("speed/") and (k, row["epoch"]) != ("lsskd/alpha", 1)}
+        for row in rows
+    ]
     assert strip(read_metrics(tmp_path / "runs" / "straight")) == strip(read_metrics(tmp_path / "runs" / "resumed"))
 
     # The uninterrupted run: buffer shapes and contents, the recipe, the logged terms.
@@ -385,8 +437,9 @@ def test_lsskd_resumed_run_ends_with_the_weights_and_buffers_of_an_uninterrupted
     assert [row["lsskd/alpha"] for row in rows] == [pytest.approx(0.4), pytest.approx(0.8)]
     assert [row["lr"] for row in rows] == [0.05, 0.05]
     for row in rows:
-        assert row["loss/total"] == pytest.approx(row["loss/final"] + row["loss/sad"] + row["loss/kl"] +
-                                                  row["loss/feat"], rel=1e-5)
+        assert row["loss/total"] == pytest.approx(
+            row["loss/final"] + row["loss/sad"] + row["loss/kl"] + row["loss/feat"], rel=1e-5
+        )
         assert row["loss/sad"] == pytest.approx(sum(row[f"loss/sad_{l}"] for l in (1, 2, 3)), rel=1e-5)
         assert row["loss/kl"] > 0 and row["loss/feat"] > 0
     assert rows[0]["loss/final"] == pytest.approx(rows[0]["loss/ce"], rel=1e-5)  # epoch-0 targets are one-hot
@@ -395,7 +448,12 @@ def test_lsskd_resumed_run_ends_with_the_weights_and_buffers_of_an_uninterrupted
     assert summary["last_top1"] == pytest.approx(rows[-1]["test/top1"])
     assert len(summary["aux_ss_top1"]) == len(summary["aux_class_top1"]) == 3
     args = summary["args"]
-    assert (args["alpha_T"], args["kl_teacher"], args["final_rows"], args["buffer_dtype"]) == (0.8, "deepest", "upright", "fp16")
+    assert (args["alpha_T"], args["kl_teacher"], args["final_rows"], args["buffer_dtype"]) == (
+        0.8,
+        "deepest",
+        "upright",
+        "fp16",
+    )
     assert args["lr_milestones"] == [150, 180, 210] and args["normalize"] == "repdistiller"
     group = a["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 5e-4)
@@ -405,9 +463,28 @@ def test_lsskd_resumed_run_ends_with_the_weights_and_buffers_of_an_uninterrupted
 def test_buffers_hold_this_iterations_train_mode_predictions_before_the_update(tmp_path, cifar_dir):
     # One batch in one epoch: every row must be softmax of the initial weights, in train mode, on
     # epoch 0's augmented and rotated images, written at the sample's dataset index.
-    flags = ["--dataset", "cifar100", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "32",
-             "--batch-size", "32", "--epochs", "1", "--buffer-dtype", "fp32", "--buffer-device", "cpu",
-             "--final-rows", "all", "--run-name", "one_step"]
+    flags = [
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--train-subset",
+        "32",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--buffer-dtype",
+        "fp32",
+        "--buffer-device",
+        "cpu",
+        "--final-rows",
+        "all",
+        "--run-name",
+        "one_step",
+    ]
     result = run_script("lsskd.py", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     checkpoint = load_run(tmp_path / "runs" / "one_step")
@@ -433,11 +510,40 @@ def test_buffers_hold_this_iterations_train_mode_predictions_before_the_update(t
 def test_everything_switched_off_trains_exactly_like_hsakds_joint_teacher(tmp_path, cifar_dir):
     # spec section 4: the same file runs HSAKD's Teacher* training; compare with hssakd.py's stage 1
     common_flags = ["--dataset", "cifar100", "--data-dir", cifar_dir, "--train-subset", "64", "--batch-size", "32"]
-    ours = run_script("lsskd.py", *common_flags, "--model", "resnet8", "--epochs", "1", "--lambda-kl", "0",
-                      "--lambda-feat", "0", "--aux-soft-targets", "false", "--final-soft-targets", "false",
-                      "--run-name", "hsakd_like", cwd=tmp_path)
-    theirs = run_script("hssakd.py", *common_flags, "--teacher", "resnet8", "--student", "resnet8", "--teacher-mode",
-                        "joint", "--teacher-epochs", "1", "--epochs", "1", cwd=tmp_path)
+    ours = run_script(
+        "lsskd.py",
+        *common_flags,
+        "--model",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--lambda-kl",
+        "0",
+        "--lambda-feat",
+        "0",
+        "--aux-soft-targets",
+        "false",
+        "--final-soft-targets",
+        "false",
+        "--run-name",
+        "hsakd_like",
+        cwd=tmp_path,
+    )
+    theirs = run_script(
+        "hssakd.py",
+        *common_flags,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--teacher-mode",
+        "joint",
+        "--teacher-epochs",
+        "1",
+        "--epochs",
+        "1",
+        cwd=tmp_path,
+    )
     for result in (ours, theirs):
         assert result.returncode == 0, result.stderr
     a = load_run(tmp_path / "runs" / "hsakd_like")
@@ -466,7 +572,14 @@ def test_map_level_and_final_teacher_run_end_to_end_and_a_mismatch_stops_before_
     assert row["loss/kl"] > 0 and row["loss/feat"] > 0 and math.isfinite(row["loss/total"])
     summary = json.loads((tmp_path / "runs" / "map" / "summary.json").read_text())
     assert summary["args"]["feat_level"] == "map" and summary["args"]["kl_teacher"] == "final"
-    refused = run_script("lsskd.py", *tiny_flags(cifar_dir, "--epochs", "1", "--feat-level", "map"), "--model", "ShuffleV2",
-                         "--run-name", "refused", cwd=tmp_path)
+    refused = run_script(
+        "lsskd.py",
+        *tiny_flags(cifar_dir, "--epochs", "1", "--feat-level", "map"),
+        "--model",
+        "ShuffleV2",
+        "--run-name",
+        "refused",
+        cwd=tmp_path,
+    )
     assert refused.returncode != 0 and "--feat-level pooled" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "runs" / "refused").exists()  # refused before the run folder is made

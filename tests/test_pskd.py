@@ -1,6 +1,7 @@
 """pskd.py: alpha ramp, targets and soft cross-entropy against hand-computed values, the prediction
 buffer (indexing by sample id, epoch 0, write timing, resume), PS-KD's PreActResNet18, the
 calibration metrics, and end-to-end runs."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -11,8 +12,15 @@ import torch.nn.functional as F
 
 import common
 from conftest import ZOO_REFERENCE, run_script
-from pskd import (MODEL_ALIASES, pskd_alpha, progressive_targets, read_targets, record_predictions,
-                  restore_predictions, soft_cross_entropy)
+from pskd import (
+    MODEL_ALIASES,
+    pskd_alpha,
+    progressive_targets,
+    read_targets,
+    record_predictions,
+    restore_predictions,
+    soft_cross_entropy,
+)
 
 
 def read_metrics(run_dir):
@@ -86,8 +94,9 @@ def encoded_data(num_images=10, num_classes=4):
     """Images whose pixel value encodes their dataset index, so a prediction tells which image it saw."""
     images = (torch.arange(num_images, dtype=torch.uint8) * 20)[:, None, None, None].expand(-1, 3, 32, 32).clone()
     labels = torch.arange(num_images) % num_classes
-    return common.CifarData(images, labels, images, labels, num_classes,
-                            torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    return common.CifarData(
+        images, labels, images, labels, num_classes, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    )
 
 
 def image_dependent_logits(images, num_classes=4):
@@ -111,8 +120,9 @@ def test_buffer_rows_follow_sample_ids_whatever_the_shuffle_order():
     # Reading back: a batch in any order gets the rows of its own samples.
     sample_ids = torch.tensor([7, 2, 9])
     targets = read_targets(buffers[0], sample_ids, data.train_labels[sample_ids], 0.5, first_epoch=False)
-    reversed_targets = read_targets(buffers[0], sample_ids.flip(0), data.train_labels[sample_ids.flip(0)], 0.5,
-                                    first_epoch=False)
+    reversed_targets = read_targets(
+        buffers[0], sample_ids.flip(0), data.train_labels[sample_ids.flip(0)], 0.5, first_epoch=False
+    )
     assert torch.equal(targets, reversed_targets.flip(0))
     torch.testing.assert_close(targets, progressive_targets(data.train_labels[sample_ids], expected[sample_ids], 0.5))
 
@@ -159,8 +169,14 @@ def test_preact_resnet18_is_what_the_issue_calls_resnet18():
 def test_preact_resnet18_feature_shapes_and_no_final_bn_relu(preact18):
     with torch.no_grad():
         feats, logits = preact18(torch.randn(2, 3, 32, 32), is_feat=True)
-    assert [list(f.shape) for f in feats] == [[2, 64, 32, 32], [2, 64, 32, 32], [2, 128, 16, 16],
-                                              [2, 256, 8, 8], [2, 512, 4, 4], [2, 512]]
+    assert [list(f.shape) for f in feats] == [
+        [2, 64, 32, 32],
+        [2, 64, 32, 32],
+        [2, 128, 16, 16],
+        [2, 256, 8, 8],
+        [2, 512, 4, 4],
+        [2, 512],
+    ]
     assert feats[-1].shape[1] == preact18.feat_dim and list(logits.shape) == [2, 100]
     assert (feats[-2] < 0).any()  # last stage output goes to the pooling without a ReLU
     torch.testing.assert_close(feats[-1], feats[-2].mean(dim=(2, 3)))
@@ -190,8 +206,15 @@ def test_preact_resnet18_keeps_pytorch_default_init(preact18):
 def test_official_pskd_checkpoint_loads(preact18, tmp_path):
     # checkpoint_best.pth of the official code: {"net": state_dict} with DDP's "module." prefix.
     path = tmp_path / "checkpoint_best.pth"
-    torch.save({"net": {"module." + key: value for key, value in preact18.state_dict().items()}, "epoch": 299,
-                "alpha_t": 0.8, "prev_predictions": torch.zeros(2, 100)}, path)
+    torch.save(
+        {
+            "net": {"module." + key: value for key, value in preact18.state_dict().items()},
+            "epoch": 299,
+            "alpha_t": 0.8,
+            "prev_predictions": torch.zeros(2, 100),
+        },
+        path,
+    )
     loaded = common.load_model_file("PreActResNet18", 100, path)
     for key, value in preact18.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -223,8 +246,11 @@ def test_evaluate_calibrated_agrees_with_evaluate(cifar_dir):
         logits = model(data.normalize(data.test_images))
     assert calibrated["nll"] == pytest.approx(F.cross_entropy(logits, data.test_labels).item(), rel=1e-5)
     confidences, predicted = F.softmax(logits, dim=1).max(dim=1)
-    by_hand = sum(abs((predicted[m] == data.test_labels[m]).float().mean() - confidences[m].mean()) * m.sum()
-                  for m in [(confidences > b / 10) & (confidences <= (b + 1) / 10) for b in range(10)] if m.any())
+    by_hand = sum(
+        abs((predicted[m] == data.test_labels[m]).float().mean() - confidences[m].mean()) * m.sum()
+        for m in [(confidences > b / 10) & (confidences <= (b + 1) / 10) for b in range(10)]
+        if m.any()
+    )
     assert calibrated["ece"] == pytest.approx(100 * by_hand.item() / len(logits), abs=1e-3)
 
 
@@ -232,16 +258,36 @@ def test_evaluate_calibrated_agrees_with_evaluate(cifar_dir):
 
 
 def tiny_flags(cifar_dir, *extra):
-    return ["--dataset", "cifar100", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "64",
-            "--batch-size", "32", *extra]
+    return [
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--train-subset",
+        "64",
+        "--batch-size",
+        "32",
+        *extra,
+    ]
 
 
 def test_pskd_resumed_run_ends_with_the_weights_and_buffer_of_an_uninterrupted_one(tmp_path, cifar_dir):
     straight = run_script("pskd.py", *tiny_flags(cifar_dir), "--epochs", "2", "--run-name", "straight", cwd=tmp_path)
     stopped = run_script("pskd.py", *tiny_flags(cifar_dir), "--epochs", "1", "--run-name", "resumed", cwd=tmp_path)
     stopped_buffer = load_run(tmp_path / "runs" / "resumed")["predictions"]
-    resumed = run_script("pskd.py", *tiny_flags(cifar_dir), "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes",
-                         cwd=tmp_path)
+    resumed = run_script(
+        "pskd.py",
+        *tiny_flags(cifar_dir),
+        "--epochs",
+        "2",
+        "--run-name",
+        "resumed",
+        "--resume",
+        "--resume-with-changes",
+        cwd=tmp_path,
+    )
     for result in (straight, stopped, resumed):
         assert result.returncode == 0, result.stderr
     assert "resumed from" in resumed.stdout
@@ -255,8 +301,10 @@ def test_pskd_resumed_run_ends_with_the_weights_and_buffer_of_an_uninterrupted_o
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][slot]["momentum_buffer"])
     # The 1-epoch run had E = 1, so it logged alpha_0 = 0.8 instead of 0.4; epoch-0 targets are one-hot
     # whatever alpha is, which is why the weights still agree. Everything else must be equal.
-    strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith("speed/") and
-                           (k, row["epoch"]) != ("pskd/alpha", 1)} for row in rows]
+    strip = lambda rows: [
+        {k: v for k, v in row.items() if not k.startswith("speed/") and (k, row["epoch"]) != ("pskd/alpha", 1)}
+        for row in rows
+    ]
     assert strip(read_metrics(tmp_path / "runs" / "straight")) == strip(read_metrics(tmp_path / "runs" / "resumed"))
 
     # The uninterrupted run itself: every sample's row holds a probability vector, the recipe and alpha ramp.
@@ -291,8 +339,24 @@ def optimizer_settings(checkpoint):
 def test_buffer_holds_this_iterations_train_mode_predictions_before_the_update(tmp_path, cifar_dir):
     # One batch per epoch: the row of each sample must be softmax of the initial weights, in train
     # mode, on epoch 0's augmented image, written at the sample's dataset index.
-    flags = ["--dataset", "cifar100", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "32",
-             "--batch-size", "32", "--epochs", "1", "--log-calibration", "false", "--buffer-device", "cpu"]
+    flags = [
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--train-subset",
+        "32",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--log-calibration",
+        "false",
+        "--buffer-device",
+        "cpu",
+    ]
     result = run_script("pskd.py", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     checkpoint = load_run(tmp_path / "runs" / "pskd_resnet8_cifar100_seed1")
@@ -316,8 +380,21 @@ def test_buffer_holds_this_iterations_train_mode_predictions_before_the_update(t
 
 def test_pskd_off_is_the_cross_entropy_baseline_with_the_same_recipe(tmp_path, cifar_dir):
     off = run_script("pskd.py", *tiny_flags(cifar_dir), "--epochs", "1", "--pskd", "false", cwd=tmp_path)
-    baseline = run_script("baseline.py", *tiny_flags(cifar_dir), "--epochs", "1", "--nesterov", "true",
-                          "--learning-rate", "0.1", "--lr-milestones", "150,225", "--normalize", "cifar10", cwd=tmp_path)
+    baseline = run_script(
+        "baseline.py",
+        *tiny_flags(cifar_dir),
+        "--epochs",
+        "1",
+        "--nesterov",
+        "true",
+        "--learning-rate",
+        "0.1",
+        "--lr-milestones",
+        "150,225",
+        "--normalize",
+        "cifar10",
+        cwd=tmp_path,
+    )
     for result in (off, baseline):
         assert result.returncode == 0, result.stderr
     a = load_run(tmp_path / "runs" / "pskd-off_resnet8_cifar100_seed1")
@@ -330,21 +407,47 @@ def test_pskd_off_is_the_cross_entropy_baseline_with_the_same_recipe(tmp_path, c
 
 
 def test_model_resnet18_trains_pskds_preact_resnet18(tmp_path, cifar_dir):
-    result = run_script("pskd.py", "--dataset", "cifar100", "--data-dir", cifar_dir, "--model", "resnet18",
-                        "--train-subset", "16", "--batch-size", "16", "--epochs", "1", cwd=tmp_path)
+    result = run_script(
+        "pskd.py",
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet18",
+        "--train-subset",
+        "16",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "model=PreActResNet18" in result.stdout
     run_dir = tmp_path / "runs" / "pskd_PreActResNet18_cifar100_seed1"
     checkpoint = load_run(run_dir)
     assert checkpoint["arch"] == "PreActResNet18"
-    assert sum(t.numel() for k, t in checkpoint["model"].items() if "running" not in k and "num_batches" not in k) \
+    assert (
+        sum(t.numel() for k, t in checkpoint["model"].items() if "running" not in k and "num_batches" not in k)
         == 11_217_444
+    )
     assert json.loads((run_dir / "summary.json").read_text())["args"]["model"] == "PreActResNet18"
 
 
 def test_unknown_model_is_a_clear_error(tmp_path, cifar_dir):
-    result = run_script("pskd.py", "--dataset", "cifar100", "--data-dir", cifar_dir, "--model", "resnet19",
-                        "--epochs", "1", cwd=tmp_path)
+    result = run_script(
+        "pskd.py",
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet19",
+        "--epochs",
+        "1",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "unknown architecture 'resnet19'" in result.stderr and "PreActResNet18" in result.stderr
     assert "Traceback" not in result.stderr

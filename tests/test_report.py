@@ -1,5 +1,6 @@
 """tools/report.py on synthetic run folders with hand-computed means and sample standard deviations, and
 the published tables of the docs generated from docs/published.json."""
+
 import json
 import re
 import subprocess
@@ -12,8 +13,17 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "tools"))
 import report  # noqa: E402
 
-KD_ARGS = {"dataset": "cifar100", "teacher": "resnet56", "student": "resnet20", "kd_T": 4.0, "epochs": 240,
-           "data_dir": "data", "output_dir": "runs", "device": None, "resume": False}
+KD_ARGS = {
+    "dataset": "cifar100",
+    "teacher": "resnet56",
+    "student": "resnet20",
+    "kd_T": 4.0,
+    "epochs": 240,
+    "data_dir": "data",
+    "output_dir": "runs",
+    "device": None,
+    "resume": False,
+}
 
 
 def write_run(root, name, method, args, seed, last, best, curve=(10.0, 20.0), teacher_top1=None, summary=True):
@@ -22,8 +32,14 @@ def write_run(root, name, method, args, seed, last, best, curve=(10.0, 20.0), te
     rows = [{"epoch": epoch, "test/top1": value} for epoch, value in enumerate(curve, 1)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     if summary:
-        content = {"method": method, "last_top1": last, "best_top1": best, "best_epoch": 2, "seed": seed,
-                   "args": {**args, "seed": seed, "run_name": name}}
+        content = {
+            "method": method,
+            "last_top1": last,
+            "best_top1": best,
+            "best_epoch": 2,
+            "seed": seed,
+            "args": {**args, "seed": seed, "run_name": name},
+        }
         if teacher_top1 is not None:
             content["teacher_top1"] = teacher_top1
         (run_dir / "summary.json").write_text(json.dumps(content))
@@ -75,20 +91,35 @@ def test_unfinished_runs_are_listed_not_averaged_and_a_corrupt_summary_is_named(
     assert sum(row["n"] for row in rows) == 5  # 3 + 1 kd, 1 baseline; no teacher stage, no broken file
     assert len(warnings) == 1 and "broken/summary.json" in warnings[0]
     text = report.markdown(rows, unfinished)
-    assert "| kd | resnet56 → resnet20 | cifar100 | kd_T=4.0 | 3 | 71.17 ± 1.26 | 72.00 ± 1.00 | 72.00 | " \
-           "70.66 (last epoch, runs not stated) | +0.51 |" in text
+    assert (
+        "| kd | resnet56 → resnet20 | cifar100 | kd_T=4.0 | 3 | 71.17 ± 1.26 | 72.00 ± 1.00 | 72.00 | "
+        "70.66 (last epoch, runs not stated) | +0.51 |" in text
+    )
     assert "| 68.00 ± — |" in text and "Unfinished" in text and "cut (2 epochs logged)" in text
 
 
 def run_report(*args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "report.py"), *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_csv_and_json_formats_carry_the_rows(runs):
     as_json = json.loads(run_report(runs, "--format", "json").stdout)
-    fields = {"method", "teacher", "student", "model", "dataset", "n", "seeds", "last_mean", "last_std", "best_mean",
-              "best_std", "run_dirs"}
+    fields = {
+        "method",
+        "teacher",
+        "student",
+        "model",
+        "dataset",
+        "n",
+        "seeds",
+        "last_mean",
+        "last_std",
+        "best_mean",
+        "best_std",
+        "run_dirs",
+    }
     assert all(fields <= set(row) for row in as_json["rows"]) and len(as_json["rows"]) == 3
     assert [run["dir"].endswith("cut") for run in as_json["unfinished"]] == [True]
     lines = run_report(runs, "--format", "csv").stdout.splitlines()
@@ -102,7 +133,9 @@ def test_plots_write_valid_png_files(runs, tmp_path):
     assert len(pngs) == 4  # three configurations, one comparison for resnet20 on cifar100
     assert any(path.name.startswith("compare_cifar100_resnet20") for path in pngs)
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in pngs)
-    kd = next(group for group in report.group_runs(report.find_runs(runs, lambda m: None)[0]) if len(group["runs"]) == 3)
+    kd = next(
+        group for group in report.group_runs(report.find_runs(runs, lambda m: None)[0]) if len(group["runs"]) == 3
+    )
     epochs, means, stds = report.curves(kd)
     assert epochs == [1, 2] and means[0] == pytest.approx(62.0) and stds[0] == pytest.approx(1.0)
 
@@ -129,6 +162,7 @@ def test_each_docs_published_table_is_generated_from_published_json(method):
 
 def test_published_entries_name_zoo_models_and_real_columns():
     import common
+
     for table in report.load_published():
         for row in table["rows"]:
             for name in (row.get("teacher"), row.get("student"), row.get("model")):

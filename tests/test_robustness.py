@@ -1,6 +1,7 @@
 """A newcomer's first runs: no code runs from a downloaded file, mistakes are refused before any work,
 a cached teacher matches the student's data, a resume keeps its record, corrupt files and full disks
 get one paragraph, no teacher child outlives its parent, and every run says where it ran."""
+
 import argparse
 import dataclasses
 import errno
@@ -58,20 +59,67 @@ def teacher_entry_points(tmp_path, cifar_dir, bad):
     cached = tmp_path / "cache" / "cifar100" / "resnet8_e1_n32.pth"
     return {
         "kd --teacher-path": ("kd.py", *data, "--teacher", "resnet8", "--student", "resnet8", "--teacher-path", bad),
-        "baseline --eval-checkpoint": ("baseline.py", "--data-dir", cifar_dir, "--model", "resnet8",
-                                       "--eval-checkpoint", bad),
-        "kd cached teacher": ("kd.py", *data, "--teacher", "resnet8", "--student", "resnet8", "--ce-teacher-epochs",
-                              "1", "--checkpoint-dir", tmp_path / "cache", "--run-name", "cached", cached),
-        "sskd --teacher-head-path": ("sskd.py", *data, "--teacher", "resnet8", "--student", "resnet8",
-                                     "--teacher-path", tmp_path / "good.pth", "--teacher-head-path", bad),
-        "hssakd --teacher-aux-path": ("hssakd.py", *data, "--teacher", "resnet8", "--student", "resnet8",
-                                      "--teacher-aux-path", bad),
+        "baseline --eval-checkpoint": (
+            "baseline.py",
+            "--data-dir",
+            cifar_dir,
+            "--model",
+            "resnet8",
+            "--eval-checkpoint",
+            bad,
+        ),
+        "kd cached teacher": (
+            "kd.py",
+            *data,
+            "--teacher",
+            "resnet8",
+            "--student",
+            "resnet8",
+            "--ce-teacher-epochs",
+            "1",
+            "--checkpoint-dir",
+            tmp_path / "cache",
+            "--run-name",
+            "cached",
+            cached,
+        ),
+        "sskd --teacher-head-path": (
+            "sskd.py",
+            *data,
+            "--teacher",
+            "resnet8",
+            "--student",
+            "resnet8",
+            "--teacher-path",
+            tmp_path / "good.pth",
+            "--teacher-head-path",
+            bad,
+        ),
+        "hssakd --teacher-aux-path": (
+            "hssakd.py",
+            *data,
+            "--teacher",
+            "resnet8",
+            "--student",
+            "resnet8",
+            "--teacher-aux-path",
+            bad,
+        ),
         "baseline --resume": ("baseline.py", *data, "--model", "resnet8", "--run-name", "planted", "--resume"),
     }
 
 
-@pytest.mark.parametrize("entry", ["kd --teacher-path", "baseline --eval-checkpoint", "kd cached teacher",
-                                   "sskd --teacher-head-path", "hssakd --teacher-aux-path", "baseline --resume"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "kd --teacher-path",
+        "baseline --eval-checkpoint",
+        "kd cached teacher",
+        "sskd --teacher-head-path",
+        "hssakd --teacher-aux-path",
+        "baseline --resume",
+    ],
+)
 def test_every_entry_point_refuses_a_malicious_checkpoint_and_creates_no_file(tmp_path, cifar_dir, entry):
     marker, bad = tmp_path / "pwned", tmp_path / "bad.pth"
     save_malicious_teacher(bad, marker)
@@ -103,13 +151,17 @@ def test_a_cifar_batch_that_would_run_code_is_refused_and_runs_nothing(tmp_path,
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: {"model": sd, "epoch": 240, "accuracy": torch.tensor(72.3)},  # RepDistiller / mdistiller
-    lambda sd: {"model": sd, "opt": argparse.Namespace(lr=0.05), "best_acc": np.float64(72.3)},  # RepDistiller last
-    lambda sd: {"state_dict": sd, "epoch": np.int64(239)},  # SSKD
-    lambda sd: {"net": {f"module.{k}": v for k, v in sd.items()}, "acc": 73.4, "epoch": 239},  # HSAKD / PS-KD
-    lambda sd: sd,  # a bare state dict
-], ids=["repdistiller", "repdistiller_last", "sskd", "hsakd_pskd", "bare"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"model": sd, "epoch": 240, "accuracy": torch.tensor(72.3)},  # RepDistiller / mdistiller
+        lambda sd: {"model": sd, "opt": argparse.Namespace(lr=0.05), "best_acc": np.float64(72.3)},  # RepDistiller last
+        lambda sd: {"state_dict": sd, "epoch": np.int64(239)},  # SSKD
+        lambda sd: {"net": {f"module.{k}": v for k, v in sd.items()}, "acc": 73.4, "epoch": 239},  # HSAKD / PS-KD
+        lambda sd: sd,  # a bare state dict
+    ],
+    ids=["repdistiller", "repdistiller_last", "sskd", "hsakd_pskd", "bare"],
+)
 def test_community_checkpoint_formats_still_load(tmp_path, wrap):
     state = resnet8_state()
     torch.save(wrap(state), tmp_path / "teacher.pth")
@@ -130,13 +182,16 @@ def test_our_last_checkpoint_with_rng_states_loads_safely(tmp_path):
 # ---- 2. everything is validated before any stage runs ----
 
 
-@pytest.mark.parametrize("script, flags, named", [
-    ("kd.py", ["--teacher", "resnet8", "--student", "resnet2O"], "resnet20"),
-    ("hssakd.py", ["--teacher", "resnet8", "--student", "resnet2O"], "resnet20"),
-    ("sskd.py", ["--teacher", "resnet5", "--student", "resnet8"], "resnet8"),
-    ("baseline.py", ["--model", "wrn_40_3"], "wrn_40_2"),
-    ("css.py", ["--model-t", "resnet56"], "css_resnet56"),
-])
+@pytest.mark.parametrize(
+    "script, flags, named",
+    [
+        ("kd.py", ["--teacher", "resnet8", "--student", "resnet2O"], "resnet20"),
+        ("hssakd.py", ["--teacher", "resnet8", "--student", "resnet2O"], "resnet20"),
+        ("sskd.py", ["--teacher", "resnet5", "--student", "resnet8"], "resnet8"),
+        ("baseline.py", ["--model", "wrn_40_3"], "wrn_40_2"),
+        ("css.py", ["--model-t", "resnet56"], "css_resnet56"),
+    ],
+)
 def test_a_typo_in_an_architecture_leaves_no_teacher_file_and_no_run_folder(tmp_path, cifar_dir, script, flags, named):
     cache = ["--checkpoint-dir", tmp_path / "cache"] if script in ("kd.py", "sskd.py", "hssakd.py") else []
     result = run_script(script, "--data-dir", cifar_dir, *flags, *cache, cwd=tmp_path)
@@ -163,11 +218,17 @@ class TinyArgs:
     """seed"""
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--train-subset", "0"], "--train-subset 0"), (["--train-subset", "-49900"], "--train-subset -49900"),
-    (["--epochs", "0"], "--epochs 0"), (["--batch-size", "0"], "--batch-size 0"),
-    (["--learning-rate", "-1"], "--learning-rate -1"), (["--warmup-epochs", "-1"], "--warmup-epochs -1"),
-])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--train-subset", "0"], "--train-subset 0"),
+        (["--train-subset", "-49900"], "--train-subset -49900"),
+        (["--epochs", "0"], "--epochs 0"),
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--learning-rate", "-1"], "--learning-rate -1"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs -1"),
+    ],
+)
 def test_bad_numbers_are_refused_by_the_parser_naming_the_value(argv, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
         common.parse_args(TinyArgs, argv)
@@ -175,12 +236,25 @@ def test_bad_numbers_are_refused_by_the_parser_naming_the_value(argv, named, cap
 
 
 def test_bad_numbers_stop_a_script_before_any_folder_exists(tmp_path, cifar_dir):
-    result = run_script("kd.py", "--data-dir", cifar_dir, "--train-subset", "0", "--teacher", "resnet8",
-                        "--student", "resnet8", "--checkpoint-dir", tmp_path / "cache", cwd=tmp_path)
+    result = run_script(
+        "kd.py",
+        "--data-dir",
+        cifar_dir,
+        "--train-subset",
+        "0",
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--checkpoint-dir",
+        tmp_path / "cache",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "--train-subset 0" in result.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
-    too_many = run_script("baseline.py", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "999",
-                          cwd=tmp_path)
+    too_many = run_script(
+        "baseline.py", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "999", cwd=tmp_path
+    )
     assert too_many.returncode != 0 and "larger than the 320 training images" in too_many.stderr
 
 
@@ -205,20 +279,43 @@ def test_help_lists_the_architectures():
 
 
 def test_a_teacher_for_another_normalization_is_trained_with_it_and_cached_under_its_own_name(tmp_path, cifar_dir):
-    flags = ["--data-dir", cifar_dir, "--teacher", "resnet8", "--student", "resnet8", "--epochs", "1",
-             "--ce-teacher-epochs", "1", "--train-subset", "64"]
+    flags = [
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--ce-teacher-epochs",
+        "1",
+        "--train-subset",
+        "64",
+    ]
     result = run_script("kd.py", *flags, "--normalize", "cifar10", "--run-name", "c10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     cached = tmp_path / "checkpoints" / "cifar100" / "resnet8_e1_n64_norm-cifar10.pth"
     assert cached.exists() and not (tmp_path / "checkpoints" / "cifar100" / "resnet8_e1_n64.pth").exists()
     assert common.load_checkpoint(cached)["args"]["normalize"] == "cifar10"
     # the same file fed other constants is refused, with a way out
-    refused = run_script("kd.py", *flags, "--normalize", "repdistiller", "--teacher-path", cached, "--run-name", "rd",
-                         cwd=tmp_path)
+    refused = run_script(
+        "kd.py", *flags, "--normalize", "repdistiller", "--teacher-path", cached, "--run-name", "rd", cwd=tmp_path
+    )
     assert refused.returncode != 0 and "--normalize cifar10" in refused.stderr
     assert "--allow-teacher-normalize-mismatch" in refused.stderr and "Traceback" not in refused.stderr
-    allowed = run_script("kd.py", *flags, "--normalize", "repdistiller", "--teacher-path", cached, "--run-name", "rd",
-                         "--allow-teacher-normalize-mismatch", cwd=tmp_path)
+    allowed = run_script(
+        "kd.py",
+        *flags,
+        "--normalize",
+        "repdistiller",
+        "--teacher-path",
+        cached,
+        "--run-name",
+        "rd",
+        "--allow-teacher-normalize-mismatch",
+        cwd=tmp_path,
+    )
     assert allowed.returncode == 0 and "warning:" in allowed.stdout
 
 
@@ -240,16 +337,28 @@ def test_resume_with_a_changed_learning_rate_is_refused_and_leaves_last_pth_unch
     assert refused.returncode != 0 and "--learning-rate None -> 0.2" in refused.stderr
     assert "--resume-with-changes" in refused.stderr and "Traceback" not in refused.stderr
     assert hashlib.sha256(last.read_bytes()).hexdigest() == before
-    accepted = run_script("baseline.py", *flags, "--epochs", "2", "--seed", "7", "--resume", "--resume-with-changes",
-                          cwd=tmp_path)
+    accepted = run_script(
+        "baseline.py", *flags, "--epochs", "2", "--seed", "7", "--resume", "--resume-with-changes", cwd=tmp_path
+    )
     assert accepted.returncode == 0, accepted.stderr
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
     assert summary["resumed_with_changes"] == [{"from_epoch": 2, "changed": {"epochs": [1, 2], "seed": [1, 7]}}]
 
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, cifar_dir):
-    result = run_script("baseline.py", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "32",
-                        "--epochs", "1", "--resume", cwd=tmp_path)
+    result = run_script(
+        "baseline.py",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--train-subset",
+        "32",
+        "--epochs",
+        "1",
+        "--resume",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0 and "holds no finished epoch to resume from" in result.stdout
 
 
@@ -260,8 +369,22 @@ def test_a_corrupt_cached_teacher_gets_one_paragraph_that_says_deleting_retrains
     cached = tmp_path / "checkpoints" / "cifar100" / "resnet8_e1_n32.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"PK\x03\x04 truncated")
-    result = run_script("kd.py", "--data-dir", cifar_dir, "--teacher", "resnet8", "--student", "resnet8",
-                        "--epochs", "1", "--ce-teacher-epochs", "1", "--train-subset", "32", cwd=tmp_path)
+    result = run_script(
+        "kd.py",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--ce-teacher-epochs",
+        "1",
+        "--train-subset",
+        "32",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "checkpoints/cifar100/resnet8_e1_n32.pth" in result.stderr and "delete it and rerun" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -280,6 +403,7 @@ def test_a_full_disk_says_so_and_leaves_no_temporary_file(tmp_path, monkeypatch)
     def full_disk(payload, path):
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(common.ConfigError, match="the disk is full.*--resume"):
         common.save_checkpoint(tmp_path / "last.pth", {"x": 1})
@@ -290,6 +414,7 @@ def test_offline_message_names_the_archive_and_kd_no_download_and_leaves_no_empt
     def offline(dataset, data_dir):
         Path(data_dir).mkdir(parents=True, exist_ok=True)  # torchvision creates the folder before it fails
         raise OSError("no network")
+
     monkeypatch.setattr(common, "_download", offline)
     monkeypatch.delenv("KD_NO_DOWNLOAD", raising=False)
     with pytest.raises(common.ConfigError) as error:
@@ -302,8 +427,20 @@ def test_offline_message_names_the_archive_and_kd_no_download_and_leaves_no_empt
 
 
 def test_killing_the_method_script_kills_its_teacher_child(tmp_path, cifar_dir):
-    command = [sys.executable, str(REPO / "kd.py"), "--data-dir", str(cifar_dir), "--teacher", "resnet8",
-               "--student", "resnet8", "--ce-teacher-epochs", "500", "--epochs", "1"]
+    command = [
+        sys.executable,
+        str(REPO / "kd.py"),
+        "--data-dir",
+        str(cifar_dir),
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--ce-teacher-epochs",
+        "500",
+        "--epochs",
+        "1",
+    ]
     parent = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     child_pid = None
     for _ in range(600):  # wait until baseline.py has started and trained its first epoch
@@ -333,8 +470,21 @@ def test_killing_the_method_script_kills_its_teacher_child(tmp_path, cifar_dir):
 
 
 def test_every_run_prints_its_device_and_records_it(tmp_path, cifar_dir):
-    result = run_script("baseline.py", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "32",
-                        "--epochs", "1", "--run-name", "d", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
+    result = run_script(
+        "baseline.py",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--train-subset",
+        "32",
+        "--epochs",
+        "1",
+        "--run-name",
+        "d",
+        cwd=tmp_path,
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     assert result.returncode == 0, result.stderr
     device_line = next(line for line in result.stdout.splitlines() if line.startswith("device:"))
     assert "cpu (no CUDA device was found)" in device_line and f"torch {torch.__version__}" in device_line
@@ -348,8 +498,9 @@ def test_every_run_prints_its_device_and_records_it(tmp_path, cifar_dir):
 
 def test_an_args_class_built_by_exec_parses_an_explicit_argument_list():
     namespace = {}
-    exec("import dataclasses\n@dataclasses.dataclass\nclass Args:\n    epochs: int = 3\n    name: str = 'x'\n",
-         namespace)
+    exec(
+        "import dataclasses\n@dataclasses.dataclass\nclass Args:\n    epochs: int = 3\n    name: str = 'x'\n", namespace
+    )
     args = common.parse_args(namespace["Args"], ["--epochs", "5"])
     assert args.epochs == 5 and args.name == "x"
 
@@ -358,8 +509,20 @@ def test_an_args_class_built_by_exec_parses_an_explicit_argument_list():
 
 
 def test_epochs_are_one_based_on_screen_in_metrics_and_in_summary(tmp_path, cifar_dir):
-    result = run_script("baseline.py", "--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "32",
-                        "--epochs", "2", "--run-name", "e", cwd=tmp_path)
+    result = run_script(
+        "baseline.py",
+        "--data-dir",
+        cifar_dir,
+        "--model",
+        "resnet8",
+        "--train-subset",
+        "32",
+        "--epochs",
+        "2",
+        "--run-name",
+        "e",
+        cwd=tmp_path,
+    )
     rows = [json.loads(line) for line in (tmp_path / "runs" / "e" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "runs" / "e" / "summary.json").read_text())
     assert [row["epoch"] for row in rows] == [1, 2] and "epoch 1/2" in result.stdout and "epoch 2/2" in result.stdout
@@ -373,7 +536,8 @@ def test_baseline_takes_checkpoint_dir_and_can_cache_its_model_as_the_teacher(tm
     assert trained.returncode == 0, trained.stderr
     cached = tmp_path / "cache" / "cifar100" / "resnet8_e1_n32.pth"
     assert cached.exists()
-    distilled = run_script("kd.py", *data, "--teacher", "resnet8", "--student", "resnet8", "--ce-teacher-epochs", "1",
-                           cwd=tmp_path)
+    distilled = run_script(
+        "kd.py", *data, "--teacher", "resnet8", "--student", "resnet8", "--ce-teacher-epochs", "1", cwd=tmp_path
+    )
     assert distilled.returncode == 0 and f"teacher resnet8 from {cached}" in distilled.stdout
     assert "training one with baseline.py" not in distilled.stdout

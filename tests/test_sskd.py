@@ -1,6 +1,7 @@
 """sskd.py: each loss term against hand-computed values, selective transfer, the similarity matrix,
 the four-copy data pipeline, the teacher-head stage, heads for every backbone, and one end-to-end
 run of all three stages (with the cached head reused and an exact resume)."""
+
 import dataclasses
 import json
 import math
@@ -44,11 +45,16 @@ def test_defaults_are_the_official_recipe_and_interp_flags_are_marked():
     docs = common._field_docs(sskd.Args)  # the --help text
     assert set(docs) == {field.name for field in dataclasses.fields(sskd.Args)}
     assert {name for name, text in docs.items() if "[INTERP]" in text} == {
-        "teacher_head_path", "head_seed", "stable_sort", "rotation_pipeline"}
+        "teacher_head_path",
+        "head_seed",
+        "stable_sort",
+        "rotation_pipeline",
+    }
 
 
-@pytest.mark.parametrize("bad", [dict(ratio_ss=1.5), dict(ratio_tf=-0.1), dict(ss_T=0.0), dict(t_epochs=0),
-                                 dict(student="resnet99")])
+@pytest.mark.parametrize(
+    "bad", [dict(ratio_ss=1.5), dict(ratio_tf=-0.1), dict(ss_T=0.0), dict(t_epochs=0), dict(student="resnet99")]
+)
 def test_bad_flags_raise_a_config_error(bad):
     with pytest.raises(common.ConfigError):
         sskd.check_args(sskd.Args(**bad))
@@ -60,8 +66,7 @@ def test_bad_flags_raise_a_config_error(bad):
 def golden_batch():
     """B = 2 images, 2 classes, labels [0, 1]; see test_sskd_loss_terms_match_hand_computed_values."""
     labels = torch.tensor([0, 1])
-    student_logits = interleave(torch.tensor([[2.0, 0.0], [0.0, 0.0]]),
-                                torch.tensor([[1.0, 0.0]] + [[0.0, 1.0]] * 5))
+    student_logits = interleave(torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0]] + [[0.0, 1.0]] * 5))
     teacher_logits = interleave(torch.tensor([[0.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0]] * 6))
     # Teacher similarities: rotated rows 0-2 belong to image 0 (positive column 0), rows 3-5 to
     # image 1. Row 2 is the only teacher-wrong row; the student disagrees on rows 0 and 2.
@@ -69,8 +74,10 @@ def golden_batch():
     student_similarity = teacher_similarity.clone()
     student_similarity[0] = torch.tensor([0.0, 0.5])
     student_similarity[2] = torch.tensor([0.5, 0.0])
-    return (*(t.double() for t in (student_logits, teacher_logits, student_similarity, teacher_similarity)),
-            labels)  # float64, so the hand values can be compared tightly
+    return (
+        *(t.double() for t in (student_logits, teacher_logits, student_similarity, teacher_similarity)),
+        labels,
+    )  # float64, so the hand values can be compared tightly
 
 
 def test_sskd_loss_terms_match_hand_computed_values():
@@ -160,33 +167,71 @@ def test_selective_transfer_drops_the_worst_ranked_wrong_rows():
 def test_similarity_matrix_compares_each_rotated_row_with_every_upright_row():
     # Two images; upright projections (1, 0) and (0, 3); rotated rows in order (2, 0), (2, 1),
     # (0, -1) for image 0 and (1, 0), (-1, -2), (3, 4) for image 1.
-    projections = torch.tensor([[1.0, 0.0], [2.0, 0.0], [2.0, 1.0], [0.0, -1.0],
-                                [0.0, 3.0], [1.0, 0.0], [-1.0, -2.0], [3.0, 4.0]])
+    projections = torch.tensor(
+        [[1.0, 0.0], [2.0, 0.0], [2.0, 1.0], [0.0, -1.0], [0.0, 3.0], [1.0, 0.0], [-1.0, -2.0], [3.0, 4.0]]
+    )
     root5 = math.sqrt(5)
-    expected = torch.tensor([[1.0, 0.0], [2 / root5, 1 / root5], [0.0, -1.0],
-                             [1.0, 0.0], [-1 / root5, -2 / root5], [0.6, 0.8]])
+    expected = torch.tensor(
+        [[1.0, 0.0], [2 / root5, 1 / root5], [0.0, -1.0], [1.0, 0.0], [-1 / root5, -2 / root5], [0.6, 0.8]]
+    )
     similarity = similarity_matrix(projections)
     assert torch.allclose(similarity, expected, atol=1e-6)
     assert sskd.positive_columns(similarity).tolist() == [0, 0, 0, 1, 1, 1]
     assert sskd.ss_correct_count(similarity).item() == 4  # rows 3 and 4 prefer image 0's upright copy
 
     random_rows = torch.randn(12, 7, generator=torch.Generator().manual_seed(0))  # matches F.cosine_similarity
-    reference = torch.stack([torch.stack([F.cosine_similarity(random_rows[4 * (j // 3) + j % 3 + 1],
-                                                              random_rows[4 * b], dim=0) for b in range(3)])
-                             for j in range(9)])
+    reference = torch.stack(
+        [
+            torch.stack(
+                [
+                    F.cosine_similarity(random_rows[4 * (j // 3) + j % 3 + 1], random_rows[4 * b], dim=0)
+                    for b in range(3)
+                ]
+            )
+            for j in range(9)
+        ]
+    )
     assert torch.allclose(similarity_matrix(random_rows), reference, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # --amp: cosines stay fp32
         assert similarity_matrix(random_rows).dtype == torch.float32
 
 
 # d of the pooled feature per backbone, and head size 2(d^2 + d) (specs/sskd.md section 10).
-FEATURE_DIMS = {**{name: 64 for name in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
-                                         "resnet110", "wrn_16_1", "wrn_40_1")},
-                "wrn_16_2": 128, "wrn_40_2": 128, "resnet8x4": 256, "resnet32x4": 256,
-                **{name: 512 for name in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
-                "ShuffleV1": 960, "ShuffleV2": 1024, "MobileNetV2": 1280, "ResNet50": 2048}
-HEAD_PARAMETERS = {64: 8_320, 128: 33_024, 256: 131_584, 512: 525_312, 960: 1_845_120, 1024: 2_099_200,
-                   1280: 3_279_360, 2048: 8_392_704}
+FEATURE_DIMS = {
+    **{
+        name: 64
+        for name in (
+            "resnet8",
+            "resnet14",
+            "resnet20",
+            "resnet32",
+            "resnet44",
+            "resnet56",
+            "resnet110",
+            "wrn_16_1",
+            "wrn_40_1",
+        )
+    },
+    "wrn_16_2": 128,
+    "wrn_40_2": 128,
+    "resnet8x4": 256,
+    "resnet32x4": 256,
+    **{name: 512 for name in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
+    "ShuffleV1": 960,
+    "ShuffleV2": 1024,
+    "MobileNetV2": 1280,
+    "ResNet50": 2048,
+}
+HEAD_PARAMETERS = {
+    64: 8_320,
+    128: 33_024,
+    256: 131_584,
+    512: 525_312,
+    960: 1_845_120,
+    1024: 2_099_200,
+    1280: 3_279_360,
+    2048: 8_392_704,
+}
 
 
 @pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
@@ -203,8 +248,12 @@ def test_projection_head_fits_every_zoo_backbone_with_the_spec_size(name):
 
 def test_teacher_head_loads_from_sskd_wrapper_checkpoints_and_rejects_wrong_sizes(tmp_path):
     head = ProjectionHead(64)
-    wrapper = {"state_dict": {**{f"proj_head.{k}": v for k, v in head.state_dict().items()},
-                              "backbone.fc.weight": torch.zeros(100, 64)}}  # SSKD's ckpt/teacher.pth
+    wrapper = {
+        "state_dict": {
+            **{f"proj_head.{k}": v for k, v in head.state_dict().items()},
+            "backbone.fc.weight": torch.zeros(100, 64),
+        }
+    }  # SSKD's ckpt/teacher.pth
     torch.save(wrapper, tmp_path / "teacher.pth")
     loaded, _ = sskd.load_teacher_head(tmp_path / "teacher.pth", 64)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in head.state_dict().items())
@@ -223,7 +272,8 @@ def test_head_cache_sits_beside_the_teacher_and_changes_with_teacher_and_recipe(
     assert path.name.startswith("resnet56_e1_sskd_head_e60_")
     assert sskd.teacher_head_cache_path(args, teacher_file) == path
     assert sskd.teacher_head_cache_path(dataclasses.replace(args, t_epochs=30), teacher_file).name.startswith(
-        "resnet56_e1_sskd_head_e30_")
+        "resnet56_e1_sskd_head_e30_"
+    )
     assert sskd.teacher_head_cache_path(dataclasses.replace(args, head_T=0.5), teacher_file) != path
     assert sskd.teacher_head_cache_path(dataclasses.replace(args, seed=7), teacher_file) == path  # any student seed
     teacher_file.write_bytes(b"two")
@@ -237,8 +287,9 @@ def toy_data(num_images=6):
     generator = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in common.NORMALIZE["sskd"])
-    return common.CifarData(images, torch.arange(num_images), images[:1], torch.zeros(1, dtype=torch.long),
-                            10, mean, std)
+    return common.CifarData(
+        images, torch.arange(num_images), images[:1], torch.zeros(1, dtype=torch.long), 10, mean, std
+    )
 
 
 def test_sskd_pipeline_shares_one_flip_and_crops_each_rotated_copy_separately():
@@ -255,7 +306,7 @@ def test_sskd_pipeline_shares_one_flip_and_crops_each_rotated_copy_separately():
                 padded = F.pad(torch.rot90(raw, k, dims=(1, 2)), (4, 4, 4, 4))  # rotate, then pad-4 crop
                 for top in range(9):
                     for left in range(9):
-                        crop = data.normalize(padded[None, :, top:top + 32, left:left + 32])[0]
+                        crop = data.normalize(padded[None, :, top : top + 32, left : left + 32])[0]
                         if torch.equal(crop, images[4 * i + k]):
                             found.add((flip, top, left))
             assert found, f"row {4 * i + k} is no pad-4 crop of image {index} rotated by {k} (or its mirror)"
@@ -299,9 +350,26 @@ def test_head_stage_changes_only_the_head(cifar_dir, tmp_path):
 
 
 def test_sskd_runs_all_three_stages_reuses_the_cached_head_and_resumes_exactly(tmp_path, cifar_dir):
-    flags = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--teacher", "resnet8", "--student", "resnet8",
-             "--ce-teacher-epochs", "1", "--t-epochs", "1", "--train-subset", "96", "--batch-size", "32",
-             "--lr-milestones", "1"]
+    flags = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar_dir,
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--ce-teacher-epochs",
+        "1",
+        "--t-epochs",
+        "1",
+        "--train-subset",
+        "96",
+        "--batch-size",
+        "32",
+        "--lr-milestones",
+        "1",
+    ]
     straight = run_script("sskd.py", *flags, "--epochs", "2", "--run-name", "straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     out = straight.stdout
@@ -312,7 +380,9 @@ def test_sskd_runs_all_three_stages_reuses_the_cached_head_and_resumes_exactly(t
     assert len(read_metrics(tmp_path / "runs" / "straight" / "head_metrics.jsonl")) == 1
 
     stopped = run_script("sskd.py", *flags, "--epochs", "1", "--run-name", "resumed", cwd=tmp_path)
-    resumed = run_script("sskd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path)
+    resumed = run_script(
+        "sskd.py", *flags, "--epochs", "2", "--run-name", "resumed", "--resume", "--resume-with-changes", cwd=tmp_path
+    )
     for result in (stopped, resumed):
         assert result.returncode == 0, result.stderr
         assert "training" not in result.stdout
@@ -322,8 +392,9 @@ def test_sskd_runs_all_three_stages_reuses_the_cached_head_and_resumes_exactly(t
     first = rows[0]
     assert [row["lr"] for row in rows] == [0.05, pytest.approx(0.005)]
     assert 0 < first["loss/ce"] < 3 * math.log(10) and first["loss/kd"] > 0 and first["loss/tf"] > 0
-    assert first["loss/total"] == pytest.approx(0.1 * first["loss/ce"] + 0.9 * first["loss/kd"] + 2.7 * first["loss/tf"]
-                                                + 10.0 * first["loss/ss"], rel=1e-4)
+    assert first["loss/total"] == pytest.approx(
+        0.1 * first["loss/ce"] + 0.9 * first["loss/kd"] + 2.7 * first["loss/tf"] + 10.0 * first["loss/ss"], rel=1e-4
+    )
     assert first["train/kept_tf"] == 100.0 and 75.0 <= first["train/kept_ss"] <= 100.0
     assert 0 <= first["train/ss_top1"] <= 100 and 0 <= first["test/top1"] <= first["test/top5"] <= 100
     assert first["speed/images_per_s"] > 0

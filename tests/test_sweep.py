@@ -1,5 +1,6 @@
 """tools/sweep.py: preset commands, skip-finished and resume-interrupted, a failure that does not stop the
 grid, a real tiny grid with 2 jobs at once, the SLURM script, one teacher for concurrent runs, bad input."""
+
 import json
 import os
 import shlex
@@ -15,8 +16,13 @@ import sweep  # noqa: E402
 
 
 def run_sweep(*args, cwd):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "sweep.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "sweep.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_cpu_demo_preset_runs_every_method_beside_its_baseline_for_two_seeds(tmp_path):
@@ -48,39 +54,98 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):
     (tmp_path / "runs" / "baseline_resnet8_cifar100_seed1" / "summary.json").write_text("{}")
     (tmp_path / "runs" / "baseline_resnet8_cifar100_seed2").mkdir()
     (tmp_path / "runs" / "baseline_resnet8_cifar100_seed2" / "last.pth").write_bytes(b"")
-    lines = run_sweep("--methods", "baseline", "--pairs", "resnet20:resnet8", "--seeds", 1, 2, 3, "--dry-run",
-                      cwd=tmp_path).stdout.splitlines()
+    lines = run_sweep(
+        "--methods", "baseline", "--pairs", "resnet20:resnet8", "--seeds", 1, 2, 3, "--dry-run", cwd=tmp_path
+    ).stdout.splitlines()
     assert lines[0].startswith("# finished: ")
     assert lines[1].endswith("--resume") and not lines[2].endswith("--resume")
 
 
 def test_a_real_tiny_grid_with_two_jobs_at_once_ends_with_four_summaries_and_a_report(tmp_path, cifar_dir):
-    result = run_sweep("--methods", "baseline", "pskd", "--pairs", "resnet8:resnet8", "--seeds", 1, 2,
-                       "--jobs-per-device", 2, "--", "--data-dir", cifar_dir, "--epochs", 1, "--train-subset", 64,
-                       cwd=tmp_path)
+    result = run_sweep(
+        "--methods",
+        "baseline",
+        "pskd",
+        "--pairs",
+        "resnet8:resnet8",
+        "--seeds",
+        1,
+        2,
+        "--jobs-per-device",
+        2,
+        "--",
+        "--data-dir",
+        cifar_dir,
+        "--epochs",
+        1,
+        "--train-subset",
+        64,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[sweep] done 4 | running 0 | failed 0 | left 0" in result.stdout
     summaries = sorted((tmp_path / "runs").glob("*/summary.json"))
     assert len(summaries) == 4
-    device_lines = [line for log in (tmp_path / "runs" / "logs").glob("*.log") for line in log.read_text().splitlines()
-                    if line.startswith("device:")]
+    device_lines = [
+        line
+        for log in (tmp_path / "runs" / "logs").glob("*.log")
+        for line in log.read_text().splitlines()
+        if line.startswith("device:")
+    ]
     expected_threads = max(1, (os.cpu_count() or 1) // 2)  # the cores divided between the 2 concurrent runs
     assert len(device_lines) == 4 and all(line.endswith(f", {expected_threads} CPU threads") for line in device_lines)
-    report = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), tmp_path / "runs", "--format", "json"],
-                            capture_output=True, text=True)
+    report = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "report.py"), tmp_path / "runs", "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
     rows = json.loads(report.stdout)["rows"]
-    assert sorted((row["method"], row["n"], row["seeds"]) for row in rows) == [("baseline", 2, [1, 2]),
-                                                                              ("pskd", 2, [1, 2])]
-    again = run_sweep("--methods", "baseline", "pskd", "--pairs", "resnet8:resnet8", "--seeds", 1, 2, "--",
-                      "--data-dir", cifar_dir, "--epochs", 1, "--train-subset", 64, cwd=tmp_path)
+    assert sorted((row["method"], row["n"], row["seeds"]) for row in rows) == [
+        ("baseline", 2, [1, 2]),
+        ("pskd", 2, [1, 2]),
+    ]
+    again = run_sweep(
+        "--methods",
+        "baseline",
+        "pskd",
+        "--pairs",
+        "resnet8:resnet8",
+        "--seeds",
+        1,
+        2,
+        "--",
+        "--data-dir",
+        cifar_dir,
+        "--epochs",
+        1,
+        "--train-subset",
+        64,
+        cwd=tmp_path,
+    )
     assert "skipped 4" in again.stdout and again.returncode == 0
 
 
 def test_a_failing_run_is_reported_with_its_log_and_the_others_go_on(tmp_path, cifar_dir):
     # baseline.py has no --ce-teacher-epochs: its runs fail at once; kd.py's succeed
-    result = run_sweep("--methods", "baseline", "kd", "--pairs", "resnet8:resnet8", "--seeds", 1, "--",
-                       "--data-dir", cifar_dir, "--epochs", 1, "--train-subset", 64, "--ce-teacher-epochs", 1,
-                       cwd=tmp_path)
+    result = run_sweep(
+        "--methods",
+        "baseline",
+        "kd",
+        "--pairs",
+        "resnet8:resnet8",
+        "--seeds",
+        1,
+        "--",
+        "--data-dir",
+        cifar_dir,
+        "--epochs",
+        1,
+        "--train-subset",
+        64,
+        "--ce-teacher-epochs",
+        1,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert "failed: baseline_resnet8_cifar100_seed1_" in result.stdout and "log: " in result.stdout
     log = next((tmp_path / "runs" / "logs").glob("baseline_*.log")).read_text()
@@ -89,9 +154,27 @@ def test_a_failing_run_is_reported_with_its_log_and_the_others_go_on(tmp_path, c
 
 
 def test_two_concurrent_runs_that_need_the_same_missing_teacher_train_it_once(tmp_path, cifar_dir):
-    result = run_sweep("--methods", "kd", "--pairs", "resnet8:resnet8", "--seeds", 1, 2, "--jobs-per-device", 2,
-                       "--", "--data-dir", cifar_dir, "--epochs", 1, "--train-subset", 64, "--ce-teacher-epochs", 2,
-                       cwd=tmp_path)
+    result = run_sweep(
+        "--methods",
+        "kd",
+        "--pairs",
+        "resnet8:resnet8",
+        "--seeds",
+        1,
+        2,
+        "--jobs-per-device",
+        2,
+        "--",
+        "--data-dir",
+        cifar_dir,
+        "--epochs",
+        1,
+        "--train-subset",
+        64,
+        "--ce-teacher-epochs",
+        2,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout
     logs = [log.read_text() for log in (tmp_path / "runs" / "logs").glob("kd_*.log")]
     assert len(logs) == 2
@@ -103,8 +186,22 @@ def test_two_concurrent_runs_that_need_the_same_missing_teacher_train_it_once(tm
 
 
 def test_the_slurm_script_has_one_array_index_per_run_and_the_same_skip_and_resume_rules(tmp_path):
-    result = run_sweep("--methods", "kd", "--pairs", "resnet56:resnet20", "--seeds", 1, 2, 3, "--slurm",
-                       tmp_path / "grid.sbatch", "--", "--epochs", 240, cwd=tmp_path)
+    result = run_sweep(
+        "--methods",
+        "kd",
+        "--pairs",
+        "resnet56:resnet20",
+        "--seeds",
+        1,
+        2,
+        3,
+        "--slurm",
+        tmp_path / "grid.sbatch",
+        "--",
+        "--epochs",
+        240,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0 and "3 array tasks" in result.stdout
     script = (tmp_path / "grid.sbatch").read_text()
     assert script.startswith("#!/bin/bash") and "#SBATCH --array=0-2" in script
@@ -113,14 +210,17 @@ def test_the_slurm_script_has_one_array_index_per_run_and_the_same_skip_and_resu
     assert subprocess.run(["bash", "-n", tmp_path / "grid.sbatch"]).returncode == 0  # valid shell
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--methods", "kd", "dkd", "--pairs", "resnet56:resnet20"], "unknown method 'dkd'"),
-    (["--methods", "kd", "--pairs", "resnet56:resnet2O"], "unknown model 'resnet2O'"),
-    (["--preset", "cifar1000"], "unknown preset 'cifar1000'"),
-    (["--methods", "kd", "--pairs", "resnet56-resnet20"], "malformed pair 'resnet56-resnet20'"),
-    (["--methods", "kd"], "needs --pairs"),
-    (["--methods", "css", "--pairs", "resnet56:resnet20"], "css trains two CSS networks"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "kd", "dkd", "--pairs", "resnet56:resnet20"], "unknown method 'dkd'"),
+        (["--methods", "kd", "--pairs", "resnet56:resnet2O"], "unknown model 'resnet2O'"),
+        (["--preset", "cifar1000"], "unknown preset 'cifar1000'"),
+        (["--methods", "kd", "--pairs", "resnet56-resnet20"], "malformed pair 'resnet56-resnet20'"),
+        (["--methods", "kd"], "needs --pairs"),
+        (["--methods", "css", "--pairs", "resnet56:resnet20"], "css trains two CSS networks"),
+    ],
+)
 def test_bad_input_is_one_clear_error_before_anything_runs(tmp_path, args, message):
     result = run_sweep(*args, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -12,6 +12,7 @@ top-1 (chosen on the test set) is reported beside it. Std is the sample standard
 a single seed. A run folder without summary.json is listed as unfinished and never averaged. Teacher-stage
 folders (runs/teacher_*) are not configurations and are skipped.
 """
+
 import argparse
 import csv
 import io
@@ -24,8 +25,18 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO / "docs" / "published.json"
 
 # Arguments that say where or how a run was kept, not what was trained.
-IGNORED_ARGS = ("seed", "run_name", "output_dir", "device", "resume", "resume_with_changes", "data_dir",
-                "tensorboard", "track", "wandb_project")
+IGNORED_ARGS = (
+    "seed",
+    "run_name",
+    "output_dir",
+    "device",
+    "resume",
+    "resume_with_changes",
+    "data_dir",
+    "tensorboard",
+    "track",
+    "wandb_project",
+)
 MODEL_ARGS = ("teacher", "student", "model", "model_t", "model_s")
 
 
@@ -80,8 +91,15 @@ def method_of(summary):
     if "method" in summary:
         return summary["method"]
     args = summary["args"]
-    for method, marker in (("css", "model_t"), ("lsskd", "kl_teacher"), ("pskd", "alpha_T"), ("hssakd", "teacher_mode"),
-                           ("sskd", "ratio_tf"), ("kd", "kd_T"), ("baseline", "model")):
+    for method, marker in (
+        ("css", "model_t"),
+        ("lsskd", "kl_teacher"),
+        ("pskd", "alpha_T"),
+        ("hssakd", "teacher_mode"),
+        ("sskd", "ratio_tf"),
+        ("kd", "kd_T"),
+        ("baseline", "model"),
+    ):
         if marker in args:
             return method
     return "unknown"
@@ -129,8 +147,13 @@ def differing_settings(groups):
         by_identity.setdefault(identity, []).append(group)
     for siblings in by_identity.values():
         names = sorted({name for group in siblings for name in group["args"]})
-        varying = [name for name in names if name not in MODEL_ARGS and name != "dataset" and
-                   len({json.dumps(group["args"].get(name), default=str) for group in siblings}) > 1]
+        varying = [
+            name
+            for name in names
+            if name not in MODEL_ARGS
+            and name != "dataset"
+            and len({json.dumps(group["args"].get(name), default=str) for group in siblings}) > 1
+        ]
         for group in siblings:
             group["setting"] = " ".join(f"{name}={group['args'].get(name)}" for name in varying)
 
@@ -162,8 +185,13 @@ def published_for(method, args, tables):
             for result in row["results"]:
                 if all(args.get(name) == value for name, value in result["args"].items()):
                     top1, std = cell_number(row["cells"][table["columns"].index(result["column"])])
-                    return {"top1": top1, "std": std, "epoch": table["protocol"]["epoch"],
-                            "runs": table["protocol"]["runs"], "source": table["source"]}
+                    return {
+                        "top1": top1,
+                        "std": std,
+                        "epoch": table["protocol"]["epoch"],
+                        "runs": table["protocol"]["runs"],
+                        "source": table["source"],
+                    }
     return None
 
 
@@ -190,13 +218,25 @@ def summarise(group, tables):
     if published:
         ours = best_mean if published["epoch"] == "best" else last_mean
         difference = ours - published["top1"]
-    return {"method": method, "teacher": teacher, "student": student, "model": model, "dataset": args.get("dataset"),
-            "setting": group.get("setting", ""), "n": len(runs), "seeds": [run["summary"].get("seed") for run in runs],
-            "last_mean": last_mean, "last_std": last_std, "best_mean": best_mean, "best_std": best_std,
-            "teacher_top1": statistics.fmean(teachers) if teachers else None,
-            "published_top1": published["top1"] if published else None,
-            "published_protocol": protocol_text(published) if published else None,
-            "difference": difference, "run_dirs": [str(run["dir"]) for run in runs]}
+    return {
+        "method": method,
+        "teacher": teacher,
+        "student": student,
+        "model": model,
+        "dataset": args.get("dataset"),
+        "setting": group.get("setting", ""),
+        "n": len(runs),
+        "seeds": [run["summary"].get("seed") for run in runs],
+        "last_mean": last_mean,
+        "last_std": last_std,
+        "best_mean": best_mean,
+        "best_std": best_std,
+        "teacher_top1": statistics.fmean(teachers) if teachers else None,
+        "published_top1": published["top1"] if published else None,
+        "published_protocol": protocol_text(published) if published else None,
+        "difference": difference,
+        "run_dirs": [str(run["dir"]) for run in runs],
+    }
 
 
 def fmt(mean, std=None, show_std=False):
@@ -212,23 +252,54 @@ def rows_of(root, tables, warn=lambda message: print(message, file=sys.stderr)):
     groups = group_runs(finished)
     differing_settings(groups)
     rows = [summarise(group, tables) for group in groups]
-    rows.sort(key=lambda row: (str(row["dataset"]), str(row["student"] or row["model"]), str(row["teacher"]),
-                               row["method"], row["setting"]))
+    rows.sort(
+        key=lambda row: (
+            str(row["dataset"]),
+            str(row["student"] or row["model"]),
+            str(row["teacher"]),
+            row["method"],
+            row["setting"],
+        )
+    )
     return rows, unfinished
 
 
 def markdown(rows, unfinished):
-    header = ["method", "teacher → student / model", "dataset", "setting", "n", "last-epoch top-1",
-              "best-epoch top-1", "teacher top-1", "published (protocol)", "ours − published"]
+    header = [
+        "method",
+        "teacher → student / model",
+        "dataset",
+        "setting",
+        "n",
+        "last-epoch top-1",
+        "best-epoch top-1",
+        "teacher top-1",
+        "published (protocol)",
+        "ours − published",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         models = f"{row['teacher']} → {row['student']}" if row["teacher"] else row["model"]
         published = f"{row['published_top1']:.2f} ({row['published_protocol']})" if row["published_top1"] else "—"
         difference = f"{row['difference']:+.2f}" if row["difference"] is not None else "—"
-        lines.append("| " + " | ".join([row["method"], str(models), str(row["dataset"]), row["setting"] or "—",
-                                        str(row["n"]), fmt(row["last_mean"], row["last_std"], True),
-                                        fmt(row["best_mean"], row["best_std"], True), fmt(row["teacher_top1"]),
-                                        published, difference]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["method"],
+                    str(models),
+                    str(row["dataset"]),
+                    row["setting"] or "—",
+                    str(row["n"]),
+                    fmt(row["last_mean"], row["last_std"], True),
+                    fmt(row["best_mean"], row["best_std"], True),
+                    fmt(row["teacher_top1"]),
+                    published,
+                    difference,
+                ]
+            )
+            + " |"
+        )
     if unfinished:
         lines += ["", "Unfinished (no summary.json; not averaged):"]
         lines += [f"- {run['dir']} ({run['epochs_done']} epochs logged)" for run in unfinished]
@@ -241,8 +312,9 @@ def csv_text(rows):
     writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     for row in rows:
-        writer.writerow({name: (" ".join(map(str, value)) if isinstance(value, list) else value)
-                         for name, value in row.items()})
+        writer.writerow(
+            {name: (" ".join(map(str, value)) if isinstance(value, list) else value) for name, value in row.items()}
+        )
     return out.getvalue()
 
 
@@ -251,7 +323,9 @@ def csv_text(rows):
 
 def curves(group):
     """(epochs, mean test top-1 per epoch, std per epoch) over the group's seeds, on the epochs all have."""
-    per_run = [{row["epoch"]: row["test/top1"] for row in run["metrics"] if "test/top1" in row} for run in group["runs"]]
+    per_run = [
+        {row["epoch"]: row["test/top1"] for row in run["metrics"] if "test/top1" in row} for run in group["runs"]
+    ]
     epochs = sorted(set.intersection(*(set(run) for run in per_run))) if per_run else []
     means = [statistics.fmean(run[e] for run in per_run) for e in epochs]
     stds = [statistics.stdev(run[e] for run in per_run) if len(per_run) > 1 else 0.0 for e in epochs]
@@ -268,6 +342,7 @@ def plot_groups(groups, folder):
     """One PNG per configuration, and one per student network comparing every method that trained it."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -295,7 +370,12 @@ def plot_groups(groups, folder):
     for index, group in enumerate(groups):
         figure, axes = plt.subplots(figsize=(5, 3.5))
         draw(axes, group)
-        save(figure, axes, f"{group_label(group)}: mean ± std over seeds", f"run_{index:02d}_{safe(group_label(group))}.png")
+        save(
+            figure,
+            axes,
+            f"{group_label(group)}: mean ± std over seeds",
+            f"run_{index:02d}_{safe(group_label(group))}.png",
+        )
     by_network = {}
     for group in groups:
         teacher, student, model = models_of(group["method"], group["args"])
@@ -305,7 +385,12 @@ def plot_groups(groups, folder):
             figure, axes = plt.subplots(figsize=(6, 4))
             for group in members:
                 draw(axes, group)
-            save(figure, axes, f"{network} on {dataset}: every method", f"compare_{safe(str(dataset))}_{safe(str(network))}.png")
+            save(
+                figure,
+                axes,
+                f"{network} on {dataset}: every method",
+                f"compare_{safe(str(dataset))}_{safe(str(network))}.png",
+            )
     return written
 
 
@@ -328,25 +413,35 @@ def published_markdown(method, tables=None):
     for table in matching:
         ours = [f"ours: {result_label(result)}" for result in table["rows"][0]["results"]] or ["ours"]
         header = [table["first_column"], *table["columns"], *ours]
-        lines = [f"Published: {table['source']} ({protocol_text(table['protocol'])}).", "",
-                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [
+            f"Published: {table['source']} ({protocol_text(table['protocol'])}).",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         for row in table["rows"]:
-            cells = row["cells"] + ["not run yet"] * len(row["results"]) if row["results"] else \
-                row["cells"] + ["not implemented"] * len(ours)
+            cells = (
+                row["cells"] + ["not run yet"] * len(row["results"])
+                if row["results"]
+                else row["cells"] + ["not implemented"] * len(ours)
+            )
             lines.append("| " + " | ".join([row["label"], *cells]) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
 
 def result_label(result):
-    settings = ", ".join(f"--{name.replace('_', '-')} {str(value).lower() if isinstance(value, bool) else value}"
-                         for name, value in result["args"].items())
+    settings = ", ".join(
+        f"--{name.replace('_', '-')} {str(value).lower() if isinstance(value, bool) else value}"
+        for name, value in result["args"].items()
+    )
     return f"{result['column']}" + (f" ({settings})" if settings else "")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("runs", nargs="?", help="folder holding run folders (searched recursively)")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
     parser.add_argument("--plots", metavar="DIR", help="also write PNG learning curves into DIR")
@@ -362,8 +457,17 @@ def main(argv=None):
             parser.error("give a folder of runs (e.g. runs/), or --published-markdown METHOD")
         rows, unfinished = rows_of(options.runs, tables)
         if options.format == "json":
-            print(json.dumps({"rows": rows, "unfinished": [{"dir": str(run["dir"]), "epochs_done": run["epochs_done"]}
-                                                            for run in unfinished]}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "rows": rows,
+                        "unfinished": [
+                            {"dir": str(run["dir"]), "epochs_done": run["epochs_done"]} for run in unfinished
+                        ],
+                    },
+                    indent=1,
+                )
+            )
         elif options.format == "csv":
             sys.stdout.write(csv_text(rows))
         else:

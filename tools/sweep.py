@@ -15,6 +15,7 @@ teacher, SSKD's teacher head, HSAKD's stage 1) are trained once: the method scri
 so concurrent runs wait for the first one instead of training it again. On the CPU the cores are divided
 between concurrent runs (torch threads per run), never oversubscribed.
 """
+
 import argparse
 import hashlib
 import json
@@ -42,6 +43,7 @@ class SweepError(ValueError):
 @dataclass
 class Run:
     """One grid point: `python <method>.py <flags> --seed S --run-name <name>`."""
+
     method: str
     flags: list
     seed: int
@@ -54,8 +56,17 @@ class Run:
     extra: dict = field(default_factory=dict)
 
     def command(self, output_dir, device=None, resume=False):
-        command = [sys.executable, str(REPO / f"{self.method}.py"), *self.flags, "--seed", str(self.seed),
-                   "--output-dir", str(output_dir), "--run-name", self.name]
+        command = [
+            sys.executable,
+            str(REPO / f"{self.method}.py"),
+            *self.flags,
+            "--seed",
+            str(self.seed),
+            "--output-dir",
+            str(output_dir),
+            "--run-name",
+            self.name,
+        ]
         if device:
             command += ["--device", device]
         return command + (["--resume"] if resume else [])
@@ -63,8 +74,15 @@ class Run:
 
 # Extra flags that say where things are or how a run is watched; they do not change what is trained, so
 # they stay out of the run name (the same grid run from another data folder finds its finished runs).
-BOOKKEEPING_FLAGS = ("--data-dir", "--device", "--checkpoint-dir", "--eval-batch-size", "--tensorboard", "--track",
-                     "--wandb-project")
+BOOKKEEPING_FLAGS = (
+    "--data-dir",
+    "--device",
+    "--checkpoint-dir",
+    "--eval-batch-size",
+    "--tensorboard",
+    "--track",
+    "--wandb-project",
+)
 
 
 def training_flags(extra_flags):
@@ -103,8 +121,10 @@ def grid_point(method, pair, dataset, tag="", variant_flags=()):
         flags, models = ["--teacher", teacher, "--student", student], f"{teacher}-{student}"
     elif method == "css":
         if teacher not in common.CSS_RESNETS or student not in common.CSS_RESNETS:
-            raise SweepError(f"css trains two CSS networks together: give --pairs NET1:NET2 with names from "
-                             f"{', '.join(common.CSS_RESNETS)} (got {teacher}:{student})")
+            raise SweepError(
+                f"css trains two CSS networks together: give --pairs NET1:NET2 with names from "
+                f"{', '.join(common.CSS_RESNETS)} (got {teacher}:{student})"
+            )
         flags, models = ["--model-t", teacher, "--model-s", student], f"{teacher}-{student}"
     else:
         check_model(student, common.MODEL_NAMES)
@@ -131,8 +151,11 @@ def published_presets():
         for row in table["rows"]:
             for result in row["results"]:
                 pair = (row.get("teacher"), row.get("student") or row.get("model"))
-                variant = [token for name, value in result["args"].items()
-                           for token in (f"--{name.replace('_', '-')}", str(value).lower())]
+                variant = [
+                    token
+                    for name, value in result["args"].items()
+                    for token in (f"--{name.replace('_', '-')}", str(value).lower())
+                ]
                 tag = "-".join(str(value) for name, value in result["args"].items() if name == "teacher_mode")
                 points.append((table["method"], pair, table["dataset"], tag, variant))
     return presets
@@ -144,15 +167,31 @@ def published_presets():
 # its default (the official gradients) diverged within two epochs on this CPU (docs/css.md, Results).
 # Measured wall time and the table: docs/results.md.
 CPU_DEMO_RECIPE = ["--train-subset", "4000", "--epochs", "10", "--lr-milestones", "7", "--amp"]
-CSS_DEMO = ["--epochs", "4", "--warmup-epochs", "1", "--lr-milestones", "3", "--train-subset", "2000",
-            "--detach-kd-target", "true", "--detach-ratio", "true"]
+CSS_DEMO = [
+    "--epochs",
+    "4",
+    "--warmup-epochs",
+    "1",
+    "--lr-milestones",
+    "3",
+    "--train-subset",
+    "2000",
+    "--detach-kd-target",
+    "true",
+    "--detach-ratio",
+    "true",
+]
 CPU_DEMO = [
     # method, (teacher, student), tag, method flags
     ("baseline", ("resnet20", "resnet8"), "", []),
     ("kd", ("resnet20", "resnet8"), "", ["--ce-teacher-epochs", "10"]),
     ("sskd", ("resnet20", "resnet8"), "", ["--ce-teacher-epochs", "10", "--t-epochs", "4", "--t-milestones", "3"]),
-    ("hssakd", ("resnet20", "resnet8"), "", ["--ce-teacher-epochs", "10", "--teacher-epochs", "4",
-                                             "--teacher-milestones", "3"]),
+    (
+        "hssakd",
+        ("resnet20", "resnet8"),
+        "",
+        ["--ce-teacher-epochs", "10", "--teacher-epochs", "4", "--teacher-milestones", "3"],
+    ),
     ("pskd", ("", "resnet8"), "", []),
     ("pskd", ("", "resnet8"), "ce", ["--pskd", "false"]),
     ("lsskd", ("", "resnet8"), "", []),
@@ -165,7 +204,9 @@ CPU_DEMO = [
 def presets():
     found = published_presets()
     found["cifar100-all"] = [point for name, points in sorted(found.items()) for point in points]
-    found["cpu-demo"] = [(method, pair, "cifar10", tag, [*CPU_DEMO_RECIPE, *flags]) for method, pair, tag, flags in CPU_DEMO]
+    found["cpu-demo"] = [
+        (method, pair, "cifar10", tag, [*CPU_DEMO_RECIPE, *flags]) for method, pair, tag, flags in CPU_DEMO
+    ]
     return found
 
 
@@ -204,8 +245,10 @@ class Status:
         if finished:
             per_run = sum(finished) / len(finished)
             eta = common.format_seconds(per_run * (left + running / 2) / self.slots)
-        return (f"[sweep] done {count('done')} | running {running} | failed {count('failed')} | left {left}"
-                f" | skipped {count('skipped')} | elapsed {common.format_seconds(time.time() - self.start)} | eta {eta}")
+        return (
+            f"[sweep] done {count('done')} | running {running} | failed {count('failed')} | left {left}"
+            f" | skipped {count('skipped')} | elapsed {common.format_seconds(time.time() - self.start)} | eta {eta}"
+        )
 
     def show(self, force=False):
         """On a terminal the line is redrawn in place; in a log file a new line is written only when a
@@ -240,7 +283,10 @@ def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
         while any(run.status in ("left", "running") for run in runs):
             for run in runs:
                 if run.status == "running" and run.process.poll() is not None:
-                    run.seconds, run.status = time.time() - run.started, "done" if run.process.returncode == 0 else "failed"
+                    run.seconds, run.status = (
+                        time.time() - run.started,
+                        "done" if run.process.returncode == 0 else "failed",
+                    )
                     free.append(run.extra["device"])
                     run.extra["log_file"].close()
                     if run.status == "failed":
@@ -254,10 +300,18 @@ def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
                     log_file = open(run.log, "a")
                     log_file.write(f"+ {shlex.join(command)}\n")
                     log_file.flush()
-                    run.process = subprocess.Popen(command, env=environment, stdout=log_file,
-                                                   stderr=subprocess.STDOUT,
-                                                   preexec_fn=common.die_with_parent(os.getpid()))
-                    run.status, run.started, run.extra = "running", time.time(), {"device": device, "log_file": log_file}
+                    run.process = subprocess.Popen(
+                        command,
+                        env=environment,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=common.die_with_parent(os.getpid()),
+                    )
+                    run.status, run.started, run.extra = (
+                        "running",
+                        time.time(),
+                        {"device": device, "log_file": log_file},
+                    )
             status.show()
             time.sleep(poll)
     except KeyboardInterrupt:
@@ -280,30 +334,44 @@ def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
 
 def slurm_script(runs, output_dir, extra_sbatch=()):
     """A SLURM array job, one index per run, with the same commands and the same skip/resume rules."""
-    lines = ["#!/bin/bash", "# Written by tools/sweep.py: one array index per run of the grid.",
-             f"#SBATCH --array=0-{len(runs) - 1}", "#SBATCH --job-name=kd-sweep", "#SBATCH --gres=gpu:1",
-             "#SBATCH --cpus-per-task=4", f"#SBATCH --output={Path(output_dir) / 'logs'}/slurm_%A_%a.log",
-             *[f"#SBATCH {option}" for option in extra_sbatch], "set -euo pipefail",
-             f"cd {shlex.quote(os.getcwd())}", f"OUT={shlex.quote(str(output_dir))}", "NAMES=("]
+    lines = [
+        "#!/bin/bash",
+        "# Written by tools/sweep.py: one array index per run of the grid.",
+        f"#SBATCH --array=0-{len(runs) - 1}",
+        "#SBATCH --job-name=kd-sweep",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --cpus-per-task=4",
+        f"#SBATCH --output={Path(output_dir) / 'logs'}/slurm_%A_%a.log",
+        *[f"#SBATCH {option}" for option in extra_sbatch],
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        f"OUT={shlex.quote(str(output_dir))}",
+        "NAMES=(",
+    ]
     lines += [f"  {shlex.quote(run.name)}" for run in runs] + [")", "COMMANDS=("]
     lines += [f"  {shlex.quote(shlex.join(run.command(output_dir)))}" for run in runs] + [")"]
-    lines += ['name=${NAMES[$SLURM_ARRAY_TASK_ID]}',
-              'if [ -f "$OUT/$name/summary.json" ]; then echo "$name is finished; skipping"; exit 0; fi',
-              'resume=""',
-              'if [ -f "$OUT/$name/last.pth" ]; then resume="--resume"; fi',
-              'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]} $resume"']
+    lines += [
+        "name=${NAMES[$SLURM_ARRAY_TASK_ID]}",
+        'if [ -f "$OUT/$name/summary.json" ]; then echo "$name is finished; skipping"; exit 0; fi',
+        'resume=""',
+        'if [ -f "$OUT/$name/last.pth" ]; then resume="--resume"; fi',
+        'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]} $resume"',
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    extra_flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", help="a named grid: " + ", ".join(sorted(presets())))
     parser.add_argument("--methods", nargs="+", help=f"methods of an explicit grid: {', '.join(METHODS)}")
-    parser.add_argument("--pairs", nargs="+", default=[], help="TEACHER:STUDENT pairs (teacher-free methods train the student)")
+    parser.add_argument(
+        "--pairs", nargs="+", default=[], help="TEACHER:STUDENT pairs (teacher-free methods train the student)"
+    )
     parser.add_argument("--dataset", default="cifar100", choices=("cifar100", "cifar10"), help="for an explicit grid")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 1 2 3; cpu-demo: 1 2)")
     parser.add_argument("--output-dir", default="runs", help="parent folder of the run folders and logs/")
@@ -336,8 +404,10 @@ def main(argv=None):
         return 0
     finished = run_grid(runs, output_dir, devices, options.jobs_per_device)
     failed = [run for run in finished if run.status == "failed"]
-    print(f"{len(finished) - len(failed)} of {len(finished)} runs finished; "
-          f"aggregate with: python tools/report.py {options.output_dir}")
+    print(
+        f"{len(finished) - len(failed)} of {len(finished)} runs finished; "
+        f"aggregate with: python tools/report.py {options.output_dir}"
+    )
     for run in failed:
         print(f"failed: {run.name}; log: {run.log}")
     return 1 if failed else 0

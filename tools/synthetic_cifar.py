@@ -6,6 +6,7 @@ GPU benchmarks, on machines that have no internet and no CIFAR.
 
     python tools/synthetic_cifar.py DEST --train 50000 --test 10000
 """
+
 import argparse
 import pickle
 from pathlib import Path
@@ -32,12 +33,25 @@ def write_cifar10(root, rng, train_images, test_images):
     palette = rng.uniform(20, 235, (10, 3))
     images, labels = make_split(rng, train_images, 10, palette)
     for k, chunk in enumerate(np.array_split(np.arange(train_images), 5)):  # data_batch_1..5 like the release
-        dump(folder / f"data_batch_{k + 1}", {"batch_label": f"training batch {k + 1} of 5",
-                                              "labels": [labels[i] for i in chunk], "data": images[chunk],
-                                              "filenames": [f"{i}.png" for i in chunk]})
+        dump(
+            folder / f"data_batch_{k + 1}",
+            {
+                "batch_label": f"training batch {k + 1} of 5",
+                "labels": [labels[i] for i in chunk],
+                "data": images[chunk],
+                "filenames": [f"{i}.png" for i in chunk],
+            },
+        )
     images, labels = make_split(rng, test_images, 10, palette)
-    dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": labels, "data": images,
-                                 "filenames": [f"{i}.png" for i in range(test_images)]})
+    dump(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": labels,
+            "data": images,
+            "filenames": [f"{i}.png" for i in range(test_images)],
+        },
+    )
     dump(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072})
 
 
@@ -47,10 +61,20 @@ def write_cifar100(root, rng, train_images, test_images):
     palette = rng.uniform(20, 235, (100, 3))
     for split, count in (("train", train_images), ("test", test_images)):
         images, labels = make_split(rng, count, 100, palette)
-        dump(folder / split, {"filenames": [f"{i}.png" for i in range(count)], "batch_label": split,
-                              "fine_labels": labels, "coarse_labels": [y // 5 for y in labels], "data": images})
-    dump(folder / "meta", {"fine_label_names": [f"class{i}" for i in range(100)],
-                           "coarse_label_names": [f"super{i}" for i in range(20)]})
+        dump(
+            folder / split,
+            {
+                "filenames": [f"{i}.png" for i in range(count)],
+                "batch_label": split,
+                "fine_labels": labels,
+                "coarse_labels": [y // 5 for y in labels],
+                "data": images,
+            },
+        )
+    dump(
+        folder / "meta",
+        {"fine_label_names": [f"class{i}" for i in range(100)], "coarse_label_names": [f"super{i}" for i in range(20)]},
+    )
 
 
 def write_both(root, train_images, test_images, seed=0):

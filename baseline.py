@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Literal, Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 
 import common

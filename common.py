@@ -19,7 +19,6 @@ import pickle
 import random
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -960,25 +959,25 @@ class AuxiliaryClassifier(nn.Module):
     def __init__(self, extractors, feat_dim, num_outputs, heads=(), head_name="", relu_after_head=False):
         super().__init__()
         self.num_branches, self.head_name, self.relu_after_head = len(extractors), head_name, relu_after_head
-        for l, extractor in enumerate(extractors, 1):
-            self.add_module(f"block_extractor{l}", extractor)
-        for l, head in enumerate(heads, 1):
-            self.add_module(f"{head_name}{l}", head)
-        for l in range(1, self.num_branches + 1):
-            self.add_module(f"fc{l}", nn.Linear(feat_dim, num_outputs))
+        for branch, extractor in enumerate(extractors, 1):
+            self.add_module(f"block_extractor{branch}", extractor)
+        for branch, head in enumerate(heads, 1):
+            self.add_module(f"{head_name}{branch}", head)
+        for branch in range(1, self.num_branches + 1):
+            self.add_module(f"fc{branch}", nn.Linear(feat_dim, num_outputs))
 
     def forward(self, stage_outputs, feature_maps=False):
         """[L maps] -> (pooled branch features [L x [N, feat_dim]], branch logits [L x [N, num_outputs]]);
         with feature_maps=True the first list holds the maps before pooling [L x [N, feat_dim, H, W]]."""
         features, logits = [], []
-        for l, x in enumerate(stage_outputs, 1):
-            x = getattr(self, f"block_extractor{l}")(x)
+        for branch, x in enumerate(stage_outputs, 1):
+            x = getattr(self, f"block_extractor{branch}")(x)
             if self.head_name:
-                x = getattr(self, f"{self.head_name}{l}")(x)
+                x = getattr(self, f"{self.head_name}{branch}")(x)
                 x = F.relu(x) if self.relu_after_head else x
             pooled = global_average(x)
             features.append(x if feature_maps else pooled)
-            logits.append(getattr(self, f"fc{l}")(pooled))
+            logits.append(getattr(self, f"fc{branch}")(pooled))
         return features, logits
 
 

@@ -150,7 +150,7 @@ def student_loss(logits, aux_logits, teacher_logits, teacher_aux_logits, labels,
     + kl_p (the final classifiers' KL), both KLs over all 4B rows. Returns every term and the total."""
     terms = {"ce": F.cross_entropy(logits[0::4], labels)}  # logits [4B, C], upright rows 0::4
     branch_kls = [distill_kl(s, t, args.kd_T) for s, t in zip(aux_logits, teacher_aux_logits)]  # [4B, 4C]
-    terms.update({f"kl_q_{l}": kl for l, kl in enumerate(branch_kls, 1)})
+    terms.update({f"kl_q_{branch}": kl for branch, kl in enumerate(branch_kls, 1)})
     terms["kl_q"] = sum(branch_kls)
     terms["kl_p"] = distill_kl(logits, teacher_logits, args.kd_T)
     total = args.ce_weight * terms["ce"] + args.kl_q_weight * terms["kl_q"] + args.kl_p_weight * terms["kl_p"]
@@ -280,7 +280,7 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
                 "speed/images_per_s": images_per_s,
             }
         )
-        metrics.update({f"test/ss_top1_{l}": acc for l, acc in enumerate(branches["ss_top1"], 1)})
+        metrics.update({f"test/ss_top1_{branch}": acc for branch, acc in enumerate(branches["ss_top1"], 1)})
         logger.log(epoch, metrics)
         common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args))
         common.print_epoch(epoch, epochs, metrics, (time.time() - epoch_start) * (epochs - epoch - 1))

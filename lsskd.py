@@ -191,7 +191,7 @@ def deep_to_shallow_kl(aux_logits, temperature, teacher="deepest", final_logits=
         rows = slice(0, None, 4) if final_rows == "upright" else slice(None)
         target = final_logits.detach()
         return sum(distill_kl(head_class_logits(head[rows]), target, temperature) for head in aux_logits)
-    teachers = [aux_logits[-1] if teacher == "deepest" else aux_logits[l + 1] for l in range(len(aux_logits) - 1)]
+    teachers = [aux_logits[-1] if teacher == "deepest" else aux_logits[head + 1] for head in range(len(aux_logits) - 1)]
     return sum(distill_kl(shallow, deep.detach(), temperature) for shallow, deep in zip(aux_logits, teachers))
 
 
@@ -211,7 +211,7 @@ def lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_tar
     final_logits = logits[0::4] if args.final_rows == "upright" else logits
     terms = {"final": soft_cross_entropy(final_logits, final_targets)}
     sad = [soft_cross_entropy(head, target, args.sad_tau) for head, target in zip(aux_logits, aux_targets)]
-    terms.update({f"sad_{l}": term for l, term in enumerate(sad, 1)})
+    terms.update({f"sad_{head}": term for head, term in enumerate(sad, 1)})
     terms["sad"] = sum(sad)
     terms["kl"] = deep_to_shallow_kl(aux_logits, args.kd_T, args.kl_teacher, final_logits, args.final_rows)
     terms["feat"] = feature_alignment(aux_feats, final_feat, args.feat_detach_target, args.feat_include_last)
@@ -232,7 +232,7 @@ def check_feature_map_shapes(arch, num_classes, include_last):
     final_shape = tuple(feats[-2].shape[1:])
     aligned = aux_maps if include_last else aux_maps[:-1]
     mismatched = [
-        f"head {l}: {tuple(m.shape[1:])}" for l, m in enumerate(aligned, 1) if tuple(m.shape[1:]) != final_shape
+        f"head {head}: {tuple(m.shape[1:])}" for head, m in enumerate(aligned, 1) if tuple(m.shape[1:]) != final_shape
     ]
     if mismatched:
         raise common.ConfigError(

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-
 from conftest import run_script
 
 TINY = ["--dataset", "cifar100", "--train-subset", "32", "--batch-size", "32", "--epochs", "1"]  # one step

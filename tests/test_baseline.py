@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, run_script
 
 import common
-from conftest import REPO, run_script
 
 
 def read_metrics(run_dir):

@@ -5,7 +5,6 @@ import dataclasses
 import pickle
 from typing import Literal, Optional, Tuple
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF

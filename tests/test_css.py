@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ZOO_REFERENCE, run_script
 
 import common
-from conftest import ZOO_REFERENCE, run_script
 from css import (
     Args,
     aggregate_branches,

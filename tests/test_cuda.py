@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
+from conftest import run_script
 
 import common
-from conftest import run_script
 
 DEVICE = os.environ.get("KD_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ZOO_REFERENCE, run_script
 
 import common
-from conftest import ZOO_REFERENCE, run_script
 from hssakd import Args, check_pair, distill_kl, stage1_cache_path, student_loss, teacher_loss
 
 # zoo name -> reference entry of zoo_state_dicts.json (hssakd.md section 4 table)
@@ -209,9 +209,9 @@ def test_each_branch_has_the_spec_parameter_count(name):
         sum(
             p.numel()
             for key, p in classifier.named_parameters()
-            if key.split(".")[0] in (f"block_extractor{l}", f"fc{l}", f"bn{l}", f"conv2_{l}")
+            if key.split(".")[0] in (f"block_extractor{branch}", f"fc{branch}", f"bn{branch}", f"conv2_{branch}")
         )
-        for l in range(1, classifier.num_branches + 1)
+        for branch in range(1, classifier.num_branches + 1)
     ]
     assert counts == BRANCH_PARAMS[name]
 
@@ -223,9 +223,9 @@ def test_branches_take_the_spec_inputs_and_end_at_the_last_stage_resolution(name
     model = meta_aux(name)
     feats, _ = model.backbone(torch.empty(2, 3, 32, 32, device="meta"), is_feat=True)
     last_stage_size = feats[-2].shape[-1]  # the deepest branch runs at stride 1, so all end here
-    for l, index in enumerate(model.branch_inputs, 1):
-        out = getattr(model.auxiliary_classifier, f"block_extractor{l}")(feats[index])
-        assert out.shape[-1] == last_stage_size, (l, tuple(out.shape))
+    for branch, index in enumerate(model.branch_inputs, 1):
+        out = getattr(model.auxiliary_classifier, f"block_extractor{branch}")(feats[index])
+        assert out.shape[-1] == last_stage_size, (branch, tuple(out.shape))
         assert out.shape[1] == (160 if name.startswith("MobileNetV2") else model.feat_dim)  # then conv2_l: 1280
     expected_inputs = {
         "vgg8": (0, 1, 2, 4),
@@ -401,8 +401,8 @@ def test_frozen_mode_trains_ce_teacher_then_branches_caches_stage1_and_distils(t
     [metrics] = read_metrics(run_dir)
     assert metrics["lr"] == 0.05
     assert 0 < metrics["loss/ce"] < 3 * math.log(100)
-    assert metrics["loss/kl_q"] == pytest.approx(sum(metrics[f"loss/kl_q_{l}"] for l in (1, 2, 3)), rel=1e-4)
-    assert metrics["loss/kl_p"] > 0 and all(metrics[f"loss/kl_q_{l}"] > 0 for l in (1, 2, 3))
+    assert metrics["loss/kl_q"] == pytest.approx(sum(metrics[f"loss/kl_q_{branch}"] for branch in (1, 2, 3)), rel=1e-4)
+    assert metrics["loss/kl_p"] > 0 and all(metrics[f"loss/kl_q_{branch}"] > 0 for branch in (1, 2, 3))
     assert metrics["loss/total"] == pytest.approx(
         metrics["loss/ce"] + metrics["loss/kl_q"] + metrics["loss/kl_p"], rel=1e-4
     )

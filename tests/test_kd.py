@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_script
 
 import common
-from conftest import run_script
 from kd import kd_loss
 
 

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_script
 
 import common
 import hssakd
 import pskd
-from conftest import run_script
 from lsskd import (
     Args,
     check_feature_map_shapes,
@@ -93,13 +93,13 @@ def test_fp16_buffer_rows_are_renormalised_to_distributions_when_read():
 
 
 def test_buffer_layout_maps_row_4b_plus_k_of_head_l_to_sample_b_head_l_rotation_k():
-    heads = [torch.arange(24.0).view(12, 2) + 100 * l for l in range(3)]  # L=3 heads, B=3 -> 12 rows
+    heads = [torch.arange(24.0).view(12, 2) + 100 * head for head in range(3)]  # L=3 heads, B=3 -> 12 rows
     samples = per_sample(heads)
     assert samples.shape == (3, 3, 4, 2)
-    for l in range(3):
+    for head in range(3):
         for b in range(3):
             for k in range(4):
-                assert torch.equal(samples[b, l, k], heads[l][4 * b + k])
+                assert torch.equal(samples[b, head, k], heads[head][4 * b + k])
     for a, b in zip(per_head_rows(samples), heads):
         assert torch.equal(a, b)
 
@@ -278,8 +278,8 @@ def test_lsskd_loss_is_the_weighted_sum_of_its_terms():
     feat = feature_alignment(aux_feats, final_feat)
     torch.testing.assert_close(terms["final"], final)
     torch.testing.assert_close(terms["sad"], sum(sad))
-    for l, term in enumerate(sad, 1):
-        torch.testing.assert_close(terms[f"sad_{l}"], term)
+    for head, term in enumerate(sad, 1):
+        torch.testing.assert_close(terms[f"sad_{head}"], term)
     torch.testing.assert_close(terms["kl"], kl)
     torch.testing.assert_close(terms["feat"], feat)
     torch.testing.assert_close(terms["total"], final + 0.5 * sum(sad) + 2.0 * kl + 3.0 * feat)
@@ -440,7 +440,7 @@ def test_lsskd_resumed_run_ends_with_the_weights_and_buffers_of_an_uninterrupted
         assert row["loss/total"] == pytest.approx(
             row["loss/final"] + row["loss/sad"] + row["loss/kl"] + row["loss/feat"], rel=1e-5
         )
-        assert row["loss/sad"] == pytest.approx(sum(row[f"loss/sad_{l}"] for l in (1, 2, 3)), rel=1e-5)
+        assert row["loss/sad"] == pytest.approx(sum(row[f"loss/sad_{head}"] for head in (1, 2, 3)), rel=1e-5)
         assert row["loss/kl"] > 0 and row["loss/feat"] > 0
     assert rows[0]["loss/final"] == pytest.approx(rows[0]["loss/ce"], rel=1e-5)  # epoch-0 targets are one-hot
     assert rows[1]["loss/final"] != pytest.approx(rows[1]["loss/ce"], rel=1e-3)

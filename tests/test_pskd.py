@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ZOO_REFERENCE, run_script
 
 import common
-from conftest import ZOO_REFERENCE, run_script
 from pskd import (
     MODEL_ALIASES,
-    pskd_alpha,
     progressive_targets,
+    pskd_alpha,
     read_targets,
     record_predictions,
     restore_predictions,

@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_script
 
 import common
-from conftest import REPO, run_script
 
 
 class CreatesFile:

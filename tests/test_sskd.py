@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_script
 
 import common
 import sskd
-from conftest import run_script
 from sskd import ProjectionHead, selective_transfer_mask, similarity_matrix, sskd_loss
 
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import hashlib
 import inspect
 import json
 import math
@@ -58,7 +59,7 @@ DATASETS = {
     ),
 }
 
-# Normalisation constants of each official code base (specs/README.md section 3).
+# Normalisation constants of each official code base (RepDistiller, SSKD and PS-KD/CSS `transforms.Normalize`).
 NORMALIZE = {
     "repdistiller": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "sskd": ((0.5071, 0.4866, 0.4409), (0.2675, 0.2565, 0.2761)),
@@ -278,8 +279,15 @@ def train_batches(data, batch_size, generator, augment=True):
         yield data.normalize(images), data.train_labels[indices], indices
 
 
+def test_batches(data, batch_size):
+    """The un-augmented test set in order, the counterpart of `train_batches`.
+    Yields (images [B, 3, 32, 32] normalised float, labels [B])."""
+    for start in range(0, len(data.test_labels), batch_size):
+        yield data.normalize(data.test_images[start : start + batch_size]), data.test_labels[start : start + batch_size]
+
+
 def rotations(images):
-    """The 4 rotations of a batch in the interleaved layout of specs/README.md section 4:
+    """The 4 rotations of a batch, interleaved as SSKD's and HSAKD's code stack them:
     [B, C, H, W] -> [4B, C, H, W] with row 4i+k = image i rotated by k*90 deg counter-clockwise."""
     return torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(4)], dim=1).flatten(0, 1)
 
@@ -293,18 +301,18 @@ def rotation_joint_labels(labels):
 # BACKBONES
 # =================================================================================================
 # Every model below reproduces HobbitLong/RepDistiller@b84f547 `models/` state-dict keys and shapes
-# exactly (specs/zoo.md section 1), so published teacher checkpoints load with strict=True.
-# Interface (zoo.md 1.5): forward(x, is_feat=False) -> logits, or (feats, logits) with is_feat=True,
+# exactly (tests/zoo_state_dicts.json), so published teacher checkpoints load with strict=True.
+# Interface: forward(x, is_feat=False) -> logits, or (feats, logits) with is_feat=True,
 # feats ending with the pooled vector of size `model.feat_dim`. `preact` is not implemented.
 
 
-def _he_init_convs(model):
+def he_init_convs(model):
     """Conv weights ~ N(0, sqrt(2 / (k*k*out_channels))), conv biases 0.
 
     RepDistiller writes this as kaiming_normal_(mode='fan_out') in the ResNets and as
     normal_(0, sqrt(2/n)), n = k*k*out_channels, in WRN/VGG/MobileNetV2: the same distribution
     (PyTorch's fan_out is out_channels*k*k also for grouped convs). BN keeps PyTorch's default
-    weight 1 / bias 0, which is what all families ask for (zoo.md section 3).
+    weight 1 / bias 0, which is what all families ask for.
     """
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -313,7 +321,7 @@ def _he_init_convs(model):
                 nn.init.zeros_(module.bias)
 
 
-def _residual_stage(block, in_planes, planes, num_blocks, stride):
+def residual_stage(block, in_planes, planes, num_blocks, stride):
     """num_blocks blocks; only the first one strides (and may project the shortcut)."""
     blocks = [block(in_planes, planes, stride)]
     blocks += [block(planes * block.expansion, planes, 1) for _ in range(num_blocks - 1)]
@@ -351,7 +359,7 @@ def _classify(pooled, feats, classifier, is_feat):
     return (feats + [pooled], logits) if is_feat else logits
 
 
-# ---- CIFAR ResNet: resnet8 ... resnet110, resnet8x4, resnet32x4 (zoo.md 3.1) ----
+# ---- CIFAR ResNet: resnet8 ... resnet110, resnet8x4, resnet32x4 (RepDistiller models/resnet.py) ----
 
 
 class CifarBasicBlock(nn.Module):
@@ -381,19 +389,19 @@ class CifarResNet(nn.Module):
         stem, w1, w2, w3 = widths
         self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
-        self.layer1 = _residual_stage(CifarBasicBlock, stem, w1, blocks_per_stage, 1)
-        self.layer2 = _residual_stage(CifarBasicBlock, w1, w2, blocks_per_stage, 2)
-        self.layer3 = _residual_stage(CifarBasicBlock, w2, w3, blocks_per_stage, 2)
+        self.layer1 = residual_stage(CifarBasicBlock, stem, w1, blocks_per_stage, 1)
+        self.layer2 = residual_stage(CifarBasicBlock, w1, w2, blocks_per_stage, 2)
+        self.layer3 = residual_stage(CifarBasicBlock, w2, w3, blocks_per_stage, 2)
         self.fc = nn.Linear(w3, num_classes)
         self.feat_dim = w3
-        _he_init_convs(self)  # Linear keeps the PyTorch default
+        he_init_convs(self)  # Linear keeps the PyTorch default
 
     def forward(self, x, is_feat=False):
         x, feats = _run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
         return _classify(torch.flatten(F.avg_pool2d(x, 8), 1), feats, self.fc, is_feat)  # 8x8 final map
 
 
-# ---- ResNet50, CIFAR variant of RepDistiller's resnetv2.py (zoo.md 3.2) ----
+# ---- ResNet50, CIFAR variant of RepDistiller's models/resnetv2.py ----
 
 
 class ResNet50Bottleneck(nn.Module):
@@ -426,13 +434,13 @@ class ResNet50(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # CIFAR stem: 3x3, no max-pool
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = _residual_stage(ResNet50Bottleneck, 64, 64, 3, 1)
-        self.layer2 = _residual_stage(ResNet50Bottleneck, 256, 128, 4, 2)
-        self.layer3 = _residual_stage(ResNet50Bottleneck, 512, 256, 6, 2)
-        self.layer4 = _residual_stage(ResNet50Bottleneck, 1024, 512, 3, 2)
+        self.layer1 = residual_stage(ResNet50Bottleneck, 64, 64, 3, 1)
+        self.layer2 = residual_stage(ResNet50Bottleneck, 256, 128, 4, 2)
+        self.layer3 = residual_stage(ResNet50Bottleneck, 512, 256, 6, 2)
+        self.layer4 = residual_stage(ResNet50Bottleneck, 1024, 512, 3, 2)
         self.linear = nn.Linear(2048, num_classes)
         self.feat_dim = 2048
-        _he_init_convs(self)  # no zero-init of residual BNs; Linear keeps the PyTorch default
+        he_init_convs(self)  # no zero-init of residual BNs; Linear keeps the PyTorch default
 
     def forward(self, x, is_feat=False):
         stages = (self.layer1, self.layer2, self.layer3, self.layer4)
@@ -440,7 +448,7 @@ class ResNet50(nn.Module):
         return _classify(global_average(x), feats, self.linear, is_feat)
 
 
-# ---- Wide ResNet: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (zoo.md 3.3) ----
+# ---- Wide ResNet: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (RepDistiller models/wrn.py) ----
 
 
 class WideBasicBlock(nn.Module):
@@ -460,7 +468,7 @@ class WideBasicBlock(nn.Module):
     def forward(self, x):
         preact = F.relu(self.bn1(x))
         out = self.conv2(F.relu(self.bn2(self.conv1(preact))))
-        # The identity path takes the raw input, the projection the pre-activated one (zoo.md 3.3).
+        # The identity path takes the raw input, the projection the pre-activated one (RepDistiller models/wrn.py).
         return out + (x if self.convShortcut is None else self.convShortcut(preact))
 
 
@@ -489,7 +497,7 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
         self.feat_dim = widths[3]
-        _he_init_convs(self)
+        he_init_convs(self)
         nn.init.zeros_(self.fc.bias)  # weight keeps the PyTorch default
 
     def forward(self, x, is_feat=False):
@@ -498,7 +506,7 @@ class WideResNet(nn.Module):
         return _classify(torch.flatten(F.avg_pool2d(x, 8), 1), feats, self.fc, is_feat)
 
 
-# ---- VGG with BN: vgg8, vgg11, vgg13, vgg16, vgg19 (zoo.md 3.4) ----
+# ---- VGG with BN: vgg8, vgg11, vgg13, vgg16, vgg19 (RepDistiller models/vgg.py) ----
 
 # Conv widths of the five groups block0..block4 (cfg S, A, B, D, E).
 VGG_GROUP_WIDTHS = {
@@ -528,7 +536,7 @@ class VGG(nn.Module):
             in_channels = widths[-1]
         self.classifier = nn.Linear(512, num_classes)
         self.feat_dim = 512
-        _he_init_convs(self)
+        he_init_convs(self)
         nn.init.normal_(self.classifier.weight, 0, 0.01)
         nn.init.zeros_(self.classifier.bias)
 
@@ -544,7 +552,7 @@ class VGG(nn.Module):
         return _classify(global_average(x), feats, self.classifier, is_feat)
 
 
-# ---- MobileNetV2 = RepDistiller's mobile_half: expansion 6, width 0.5 (zoo.md 3.5) ----
+# ---- MobileNetV2 = RepDistiller's mobile_half: expansion 6, width 0.5 (RepDistiller models/mobilenetv2.py) ----
 
 # (expansion, output channels = int(0.5 * width-1.0 channels), repeats, first stride) per stage.
 MOBILE_HALF_STAGES = (
@@ -593,7 +601,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(160, 1280, 1)
         self.classifier = nn.Sequential(nn.Linear(1280, num_classes))  # keys classifier.0.*
         self.feat_dim = 1280
-        _he_init_convs(self)
+        he_init_convs(self)
         nn.init.normal_(self.classifier[0].weight, 0, 0.01)
         nn.init.zeros_(self.classifier[0].bias)
 
@@ -609,7 +617,7 @@ class MobileNetV2(nn.Module):
         return _classify(torch.flatten(F.avg_pool2d(x, 2, ceil_mode=True), 1), feats, self.classifier, is_feat)
 
 
-# ---- ShuffleNets: ShuffleV1 (zoo.md 3.6), ShuffleV2 (zoo.md 3.7); PyTorch default init ----
+# ---- ShuffleNets: RepDistiller models/ShuffleNetv1.py and ShuffleNetv2.py; PyTorch default init ----
 
 
 def channel_shuffle(x, groups):
@@ -735,13 +743,13 @@ class ShuffleV2(nn.Module):
         return _classify(torch.flatten(F.avg_pool2d(x, 4), 1), feats, self.linear, is_feat)
 
 
-# ---- Extra backbone: HSAKD's MobileNetV2 with a stride-1 stem (zoo.md 4.1) ----
+# ---- Extra backbone: HSAKD's MobileNetV2 with a stride-1 stem (winycg/HSAKD models/mobilenetv2.py) ----
 
 
 class MobileNetV2HSAKD(MobileNetV2):
     """winycg/HSAKD's MobileNetV2: RepDistiller's mobile_half with a stride-1 stem (stages at 32, 16,
     8, 4 px; 3.94x the MACs, same 812,836 parameters) and adaptive average pooling. Keys stay
-    `classifier.0.*`; load_weights maps HSAKD's bare `classifier.*` (zoo.md 4.1 item 3)."""
+    `classifier.0.*`; load_weights maps HSAKD's bare `classifier.*`."""
 
     def __init__(self, num_classes):
         super().__init__(num_classes)
@@ -758,7 +766,7 @@ class MobileNetV2HSAKD(MobileNetV2):
         return _classify(global_average(x), feats, self.classifier, is_feat)
 
 
-# ---- Extra backbone: PS-KD's CIFAR PreAct ResNet-18 (zoo.md 4.2) ----
+# ---- Extra backbone: PS-KD's CIFAR PreAct ResNet-18 (lgcnsai/PS-KD-Pytorch models/preact_resnet.py) ----
 
 
 class PskdPreActBlock(nn.Module):
@@ -781,7 +789,7 @@ class PskdPreActBlock(nn.Module):
         preact = F.relu(self.bn1(x))
         out = self.conv2(F.relu(self.bn2(self.conv1(preact))))
         # Unlike the canonical pre-activation ResNet (and WideBasicBlock), the identity path also
-        # takes the pre-activated input (zoo.md 4.2).
+        # takes the pre-activated input (PS-KD's preact_resnet.py).
         return out + (preact if self.shortcut is None else self.shortcut(preact))
 
 
@@ -794,10 +802,10 @@ class PreActResNet18(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = _residual_stage(PskdPreActBlock, 64, 64, 2, 1)
-        self.layer2 = _residual_stage(PskdPreActBlock, 64, 128, 2, 2)
-        self.layer3 = _residual_stage(PskdPreActBlock, 128, 256, 2, 2)
-        self.layer4 = _residual_stage(PskdPreActBlock, 256, 512, 2, 2)
+        self.layer1 = residual_stage(PskdPreActBlock, 64, 64, 2, 1)
+        self.layer2 = residual_stage(PskdPreActBlock, 64, 128, 2, 2)
+        self.layer3 = residual_stage(PskdPreActBlock, 128, 256, 2, 2)
+        self.layer4 = residual_stage(PskdPreActBlock, 256, 512, 2, 2)
         self.linear = nn.Linear(512, num_classes)
         self.feat_dim = 512
 
@@ -808,101 +816,7 @@ class PreActResNet18(nn.Module):
         return _classify(torch.flatten(F.avg_pool2d(x, 4), 1), feats, self.linear, is_feat)  # 4x4 final map
 
 
-# ---- Extra backbones: CSS multi-branch ResNets (zoo.md 4.3) ----
-
-
-class CssBottleneck(nn.Module):
-    """torchvision's Bottleneck as PumpkinsLemon/CSS `resnet_css.py` uses it: expansion 4, stride
-    in the 3x3, projection named `downsample`; inner width = planes * width_factor."""
-
-    expansion = 4
-    width_factor = 1
-
-    def __init__(self, in_planes, planes, stride):
-        super().__init__()
-        width, out_planes = planes * self.width_factor, planes * self.expansion
-        self.conv1 = nn.Conv2d(in_planes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_planes, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_planes)
-        self.downsample = nn.Identity()
-        if stride != 1 or in_planes != out_planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.downsample(x))
-
-
-class CssWideBottleneck(CssBottleneck):
-    width_factor = 8  # resnet_css.py wide_resnet20_8: width_per_group 64 * 8
-
-
-class CssMultiBranchResNet(nn.Module):
-    """OKDDip-style multi-branch ResNet (depth 9n + 2): stem + layer1 + layer2 shared, then per
-    branch i its own `layer3_i` and `classifier3_i` Linear(256, num_classes * branches).
-
-    forward(x, branch_masks) -> [N, num_classes * branches, branches], column i = branch i's
-    logits. Branch i's layer3 sees the shared layer2 output times branch_masks[i] ([H, W],
-    broadcast over batch and channels); which region each branch loses is CSS's method and is
-    built in css.py. branch_masks=None feeds every branch the unmasked map.
-    """
-
-    def __init__(self, blocks_per_stage, num_classes, branches=3, block=CssBottleneck):
-        super().__init__()
-        self.branches = branches
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = _residual_stage(block, 16, 16, blocks_per_stage, 1)
-        self.layer2 = _residual_stage(block, 64, 32, blocks_per_stage, 2)
-        for i in range(branches):  # registration order = resnet_css.py's key order
-            self.add_module(f"layer3_{i}", _residual_stage(block, 128, 64, blocks_per_stage, 2))
-            self.add_module(f"classifier3_{i}", nn.Linear(256, num_classes * branches))
-        self.feat_dim = 256
-        _he_init_convs(self)  # BN 1/0 and Linear keep the PyTorch defaults
-
-    def forward(self, x, branch_masks=None):
-        shared = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))  # [N, 128, 16, 16]
-        if branch_masks is not None and branch_masks.shape[-2:] != shared.shape[-2:]:
-            raise ValueError(
-                f"branch masks are {tuple(branch_masks.shape[-2:])}, the layer2 map is {tuple(shared.shape[-2:])}"
-            )
-        outputs = []
-        for i in range(self.branches):
-            branch_input = shared if branch_masks is None else shared * branch_masks[i].to(shared.dtype)
-            features = getattr(self, f"layer3_{i}")(branch_input)  # [N, 256, 8, 8]
-            outputs.append(getattr(self, f"classifier3_{i}")(torch.flatten(F.avg_pool2d(features, 8), 1)))
-        return torch.stack(outputs, dim=2)
-
-
-# name -> (bottlenecks per stage, block); resnet_css.py's resnet56, resnet110, wide_resnet20_8.
-CSS_RESNETS = {
-    "css_resnet56": (6, CssBottleneck),
-    "css_resnet110": (12, CssBottleneck),
-    "css_wide_resnet20_8": (2, CssWideBottleneck),
-}
-
-
-def build_css_resnet(name, num_classes, branches=3):
-    """A CSS multi-branch network with any number of branches (build_model builds 3)."""
-    if name not in CSS_RESNETS:
-        raise ConfigError(
-            f"{name!r} is not a CSS multi-branch network; choose one of: {', '.join(CSS_RESNETS)} "
-            f"(the zoo's resnet56/resnet110 are single-branch BasicBlock networks)"
-        )
-    blocks_per_stage, block = CSS_RESNETS[name]
-    model = CssMultiBranchResNet(blocks_per_stage, num_classes, branches, block)
-    model.arch, model.num_classes = name, num_classes
-    return model
-
-
-# ---- Registry: RepDistiller `models/__init__.py` names (zoo.md 1.4) ----
+# ---- Registry: RepDistiller `models/__init__.py` names ----
 
 _SMALL_RESNET_WIDTHS = (16, 16, 32, 64)
 _X4_RESNET_WIDTHS = (32, 64, 128, 256)
@@ -925,7 +839,7 @@ _ZOO = {
     "MobileNetV2": MobileNetV2,
     "ShuffleV1": ShuffleV1,
     "ShuffleV2": ShuffleV2,
-    # Extra backbones (zoo.md section 4), after the RepDistiller names
+    # Extra backbones of HSAKD and PS-KD, after the RepDistiller names
     "MobileNetV2_hsakd": MobileNetV2HSAKD,
     "PreActResNet18": PreActResNet18,
 }
@@ -935,7 +849,7 @@ MODEL_NAMES = tuple(_ZOO)
 def build_model(name: str, num_classes: int) -> nn.Module:
     """Build a zoo backbone by its RepDistiller name; `arch` and `num_classes` are recorded on the model
     because checkpoints store them."""
-    if name in CSS_RESNETS:  # not single-logit networks: forward(x, branch_masks) -> [N, C * branches, branches]
+    if name.startswith("css_"):  # css.py's multi-branch networks: forward(x, masks) -> [N, C * branches, branches]
         raise ConfigError(f"{name} is a CSS multi-branch network; only css.py trains it (--model-t/--model-s)")
     if name not in _ZOO:
         raise ConfigError(f"unknown architecture {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
@@ -945,7 +859,7 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return model
 
 
-# ---- HSAKD auxiliary classifiers (zoo.md 4.4, hssakd.md) ----
+# ---- HSAKD auxiliary classifiers (winycg/HSAKD models/*_aux.py; docs/hssakd.md) ----
 # winycg/HSAKD@28c8dc2 `models/*_Auxiliary`: L branches, each made of FRESH copies of the backbone's
 # later stages (new weights), the deepest one run at stride 1, then global average pooling and a
 # Linear. State-dict names follow HSAKD (`backbone.*`, `auxiliary_classifier.block_extractor{l}.*`,
@@ -985,7 +899,7 @@ def _cifar_resnet_branches(net, num_outputs):
     """Inputs f1, f2, f3; branches = stages (w2, s2)+(w3, s2) | (w3, s2) | (w3, s1)."""
     n = len(net.layer1)
     w1, w2, w3 = (stage[0].bn2.num_features for stage in (net.layer1, net.layer2, net.layer3))
-    stage = lambda in_planes, planes, stride: _residual_stage(CifarBasicBlock, in_planes, planes, n, stride)
+    stage = lambda in_planes, planes, stride: residual_stage(CifarBasicBlock, in_planes, planes, n, stride)
     extractors = [
         nn.Sequential(stage(w1, w2, 2), stage(w2, w3, 2)),
         nn.Sequential(stage(w2, w3, 2)),
@@ -996,7 +910,7 @@ def _cifar_resnet_branches(net, num_outputs):
 
 def _resnet50_branches(net, num_outputs):
     """Inputs f1..f4; branch l = fresh copies of layer l+1..4, the last branch a stride-1 layer4."""
-    stage = lambda in_planes, layer, stride: _residual_stage(
+    stage = lambda in_planes, layer, stride: residual_stage(
         ResNet50Bottleneck, in_planes, layer[0].bn1.num_features, len(layer), stride
     )
     layer2, layer3, layer4 = net.layer2, net.layer3, net.layer4
@@ -1104,10 +1018,10 @@ def _shufflev2_branches(net, num_outputs):
 def _init_auxiliary(classifier, style):
     """HSAKD's per-family init: "he" convs N(0, sqrt(2/(k*k*out))) + BN 1/0, "he_fc0" also Linear bias 0,
     "he_fc001" also Linear weight N(0, 0.01); "default" keeps PyTorch's init (VGG: its init routine is
-    never called; ShuffleV2: has none) -- reproduced on purpose (hssakd.md section 10 item 6)."""
+    never called; ShuffleV2: has none) -- reproduced on purpose (docs/hssakd.md)."""
     if style == "default":
         return
-    _he_init_convs(classifier)
+    he_init_convs(classifier)
     for module in classifier.modules():
         if isinstance(module, nn.Linear) and style in ("he_fc0", "he_fc001"):
             nn.init.zeros_(module.bias)
@@ -1128,7 +1042,7 @@ _AUXILIARY_FAMILIES = (
 
 
 class AuxiliaryModel(nn.Module):
-    """A zoo backbone plus HSAKD's auxiliary classifiers (`<arch>_aux`, hssakd.md section 4).
+    """A zoo backbone plus HSAKD's auxiliary classifiers (HSAKD's `<arch>_aux`; docs/hssakd.md).
 
     `AuxiliaryModel(backbone, num_outputs)` attaches `num_branches` (L) fresh branches to the backbone's
     stage outputs `branch_inputs` (positions in its is_feat list); each branch predicts `num_outputs`
@@ -1187,7 +1101,7 @@ def auxiliary_branch_count(name):
 # TRAINING UTILITIES
 # =================================================================================================
 
-# RepDistiller forces lr 0.01 for these students (specs/README.md section 7).
+# RepDistiller forces lr 0.01 for these students (train_student.py).
 SMALL_LR_MODELS = ("MobileNetV2", "MobileNetV2_hsakd", "ShuffleV1", "ShuffleV2")
 
 
@@ -1201,14 +1115,6 @@ def default_lr(arch, learning_rate=None, base_lr=0.05, small_lr=0.01):
 def lr_at_epoch(epoch, base_lr, milestones, gamma):
     """MultiStepLR semantics with 0-based epochs: lr * gamma^#{m in milestones : m <= epoch}."""
     return base_lr * gamma ** sum(epoch >= m for m in milestones)
-
-
-def lr_with_warmup(epoch, base_lr, milestones, gamma, warmup_epochs):
-    """`lr_at_epoch` after a linear warm-up stepped once per epoch: 0-based epoch e < warmup_epochs
-    uses base_lr * (e + 1) / warmup_epochs (5 epochs: 0.2, 0.4, ..., 1.0 times base_lr)."""
-    if epoch < warmup_epochs:
-        return base_lr * (epoch + 1) / warmup_epochs
-    return lr_at_epoch(epoch, base_lr, milestones, gamma)
 
 
 def set_lr(optimizer, lr):
@@ -1287,9 +1193,7 @@ def evaluate(model, data, batch_size=128, amp=False):
     device = data.test_labels.device
     correct1 = correct5 = torch.zeros((), device=device)
     k = min(5, data.num_classes)
-    for start in range(0, len(data.test_labels), batch_size):
-        images = data.normalize(data.test_images[start : start + batch_size])
-        labels = data.test_labels[start : start + batch_size]
+    for images, labels in test_batches(data, batch_size):
         with autocast(device, amp):
             logits = model(images)
         top = logits.float().topk(k, dim=1).indices
@@ -1297,39 +1201,6 @@ def evaluate(model, data, batch_size=128, amp=False):
         correct5 = correct5 + (top == labels[:, None]).any(dim=1).sum()
     total = len(data.test_labels)
     return {"top1": 100.0 * correct1.item() / total, "top5": 100.0 * correct5.item() / total}
-
-
-def calibration_error(confidences, correct, bins=10):
-    """Expected calibration error in % (Guo et al. 2017): sum over equal-width confidence bins
-    (lower, upper] of (bin count / N) * |accuracy in bin - mean confidence in bin|.
-    confidences: max softmax probability [N]; correct: bool [N]."""
-    edges = torch.linspace(0, 1, bins + 1, device=confidences.device)
-    bin_of = torch.bucketize(confidences, edges[1:-1])  # right-closed bins; 0 and 1 fall in the end bins
-    # Per bin, sum(correct - confidence) = count * (accuracy - mean confidence); a one-hot matmul
-    # instead of index_add_ keeps it deterministic on CUDA.
-    gaps = F.one_hot(bin_of, bins).float().T @ (correct.float() - confidences.float())
-    return 100.0 * gaps.abs().sum().item() / len(confidences)
-
-
-@torch.no_grad()
-def evaluate_calibrated(model, data, batch_size=128, amp=False, bins=10):
-    """`evaluate` plus calibration, from one pass over the test set: top1, top5 (%), nll (mean test
-    cross-entropy, nats) and ece (expected calibration error with `bins` bins, %)."""
-    model.eval()
-    device = data.test_labels.device
-    chunks = []
-    for start in range(0, len(data.test_labels), batch_size):
-        with autocast(device, amp):
-            chunks.append(model(data.normalize(data.test_images[start : start + batch_size])).float())
-    logits, labels = torch.cat(chunks), data.test_labels
-    top = logits.topk(min(5, data.num_classes), dim=1).indices
-    confidences = F.softmax(logits, dim=1).max(dim=1).values
-    return {
-        "top1": 100.0 * (top[:, 0] == labels).sum().item() / len(labels),
-        "top5": 100.0 * (top == labels[:, None]).any(dim=1).sum().item() / len(labels),
-        "nll": F.cross_entropy(logits, labels).item(),
-        "ece": calibration_error(confidences, top[:, 0] == labels, bins),
-    }
 
 
 def accuracy_count(logits, labels):
@@ -1368,14 +1239,13 @@ def check_finite(metrics, epoch, run_dir):
 
 @torch.no_grad()
 def auxiliary_accuracy(model, data, batch_size, amp):
-    """HSAKD's auxiliary-branch diagnostics (hssakd.md section 2) on the rotated test set, per branch
+    """HSAKD's auxiliary-branch diagnostics (docs/hssakd.md) on the rotated test set, per branch
     of an AuxiliaryModel: "ss" = 400-way top-1 on the joint label; "class" = 100-way top-1 after
     summing each class's 4 rotation logits; both over all 4B rows."""
     model.eval()
     ss_correct = class_correct = torch.zeros(model.num_branches, device=data.test_labels.device)
-    for start in range(0, len(data.test_labels), batch_size):
-        labels = data.test_labels[start : start + batch_size]
-        rotated = rotations(data.normalize(data.test_images[start : start + batch_size]))
+    for images, labels in test_batches(data, batch_size):
+        rotated = rotations(images)
         with autocast(labels.device, amp):
             aux_logits, _ = model(rotated)
         aux_logits = torch.stack([branch.float() for branch in aux_logits])  # [L, 4B, 4C]
@@ -1425,7 +1295,7 @@ def parse_args(args_class, argv=None):
     module_doc = (getattr(module, "__doc__", None) or "").strip()
     parser = argparse.ArgumentParser(
         description=module_doc.split("\n\n")[0],
-        epilog="architectures: " + ", ".join(MODEL_NAMES + tuple(CSS_RESNETS)),
+        epilog="architectures: " + ", ".join(MODEL_NAMES),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tuple_fields = {}
@@ -1571,18 +1441,18 @@ class Logger:
     """Per-epoch metrics: one stdout line, runs/<run>/metrics.jsonl, and optionally TensorBoard
     (`--tensorboard`) and Weights & Biases (`--track`), both imported only when asked for."""
 
-    def __init__(self, run_dir, args, start_epoch=0):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, run_dir, args, start_epoch=0, file_name="metrics.jsonl", tracking=True):
+        self.path = Path(run_dir) / file_name
         if self.path.exists():  # on resume, drop epochs that will be run again (lines carry 1-based epochs)
             kept = [
                 line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= start_epoch
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tensorboard = self.wandb = None
-        if getattr(args, "tensorboard", False):
+        if tracking and getattr(args, "tensorboard", False):
             SummaryWriter = _optional_import("torch.utils.tensorboard", "tensorboard").SummaryWriter
             self.tensorboard = SummaryWriter(str(run_dir))
-        if getattr(args, "track", False):
+        if tracking and getattr(args, "track", False):
             wandb = _optional_import("wandb", "wandb")
             self.wandb = wandb.init(
                 project=args.wandb_project, name=Path(run_dir).name, config=dataclasses.asdict(args), resume="allow"
@@ -1604,7 +1474,7 @@ def format_seconds(seconds):
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def print_epoch(epoch, epochs, metrics, seconds_left):
+def print_epoch(epoch, epochs, metrics, seconds_left, stage="epoch"):
     """The one progress line per epoch: epoch, lr, each loss term, accuracies, speed, ETA."""
     loss_order = lambda name: (name != "loss/ce", name == "loss/total")  # ce first, method terms, total last
     losses = " ".join(
@@ -1612,11 +1482,14 @@ def print_epoch(epoch, epochs, metrics, seconds_left):
         for name in sorted((name for name in metrics if name.startswith("loss/")), key=loss_order)
     )
     train = " ".join(f"{name} {value:.2f}" for name, value in metrics.items() if name.startswith("train/"))
+    test = " ".join(f"{name} {value:.2f}" for name, value in metrics.items() if name.startswith("test/"))
+    if "test/top1" in metrics:  # a student: top-1, top-5 and best, other test metrics are in the files
+        test = (
+            f"test/top1 {metrics['test/top1']:.2f} top5 {metrics['test/top5']:.2f} best {metrics['test/best_top1']:.2f}"
+        )
     print(
-        f"epoch {epoch + 1}/{epochs} lr {metrics['lr']:.5f} | {losses} | {train} | "
-        f"test/top1 {metrics['test/top1']:.2f} top5 {metrics['test/top5']:.2f} "
-        f"best {metrics['test/best_top1']:.2f} | {metrics['speed/images_per_s']:.0f} img/s | "
-        f"eta {format_seconds(seconds_left)}",
+        f"{stage} {epoch + 1}/{epochs} lr {metrics['lr']:.5f} | {losses} | {train} | {test} | "
+        f"{metrics['speed/images_per_s']:.0f} img/s | eta {format_seconds(seconds_left)}",
         flush=True,
     )
 
@@ -1792,7 +1665,7 @@ def resume_state(run_dir, model, optimizer, resume, args=None):
 
 
 def extract_state_dict(checkpoint):
-    """The state dict inside any supported checkpoint format (specs/README.md section 9): look for
+    """The state dict inside any supported checkpoint format (README.md, Teachers): look for
     "model", then "state_dict", then "net"; strip DDP's "module." prefix."""
     for key in ("model", "state_dict", "net"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
@@ -1848,7 +1721,7 @@ def load_model_file(arch, num_classes, path, what="checkpoint", remedy=None):
     return model_from_checkpoint(arch, num_classes, load_checkpoint(path, what, remedy), str(path))
 
 
-# Published teacher accuracies of the RepDistiller/mdistiller checkpoints (specs/README.md section 9).
+# Published teacher accuracies of the RepDistiller/mdistiller checkpoints (RepDistiller's README).
 EXPECTED_TEACHER_TOP1 = {
     "wrn_40_2": 75.61,
     "resnet56": 72.34,
@@ -1892,6 +1765,31 @@ def cache_lock(path):
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def cached_stage(given_path, cache_path, train):
+    """The rule of every stage a student needs first (the CE teacher, SSKD's teacher head, HSAKD's stage 1):
+    the file the user gave, else the cached file, else `train(cache_path)` writes it. Training runs under
+    `cache_lock`, so concurrent runs that need the same stage train it once. Returns the file to load."""
+    if given_path:
+        return Path(given_path)
+    with cache_lock(cache_path):
+        if not Path(cache_path).exists():
+            train(cache_path)
+    return Path(cache_path)
+
+
+def stage_digest(length, *parts):
+    """The digest in a cached stage's file name: sha1 over `parts` in order, each a file (its bytes), a dict
+    (its sorted JSON) or None (skipped). It covers everything the stage depends on, so a changed teacher or
+    recipe never reuses a stale file; the student's --seed stays out, so seeds share a stage."""
+    digest = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, dict):
+            digest.update(json.dumps(part, sort_keys=True).encode())
+        elif part is not None:
+            digest.update(Path(part).read_bytes())
+    return digest.hexdigest()[:length]
 
 
 def die_with_parent(parent_pid):
@@ -1973,11 +1871,7 @@ def check_teacher_normalization(checkpoint, args, source):
 def load_teacher(args, data, device):
     """The teacher for distillation, in eval mode and frozen, with its test accuracy printed.
     Uses --teacher-path, else the cached checkpoint, else trains one with baseline.py first."""
-    path = Path(args.teacher_path) if args.teacher_path else teacher_cache_path(args)
-    if not args.teacher_path:
-        with cache_lock(path):
-            if not path.exists():
-                train_teacher(args, path)
+    path = cached_stage(args.teacher_path, teacher_cache_path(args), lambda cache: train_teacher(args, cache))
     remedy = None if args.teacher_path else "It is a cached teacher: delete it and rerun to train it again."
     checkpoint = load_checkpoint(path, "teacher checkpoint", remedy)
     teacher = model_from_checkpoint(args.teacher, data.num_classes, checkpoint, str(path))  # architecture, classes
@@ -1995,7 +1889,7 @@ def load_teacher(args, data, device):
         if args.strict_teacher_check:
             raise ConfigError(message + " (--strict-teacher-check is on)")
         print(f"warning: {message}", flush=True)
-    return teacher, result
+    return teacher, result | {"file": path}
 
 
 def write_summary(run_dir, args, best, last, method, **extra):

@@ -1,22 +1,17 @@
 """CSS: Channel Self-Supervision for Online Knowledge Distillation (two networks, no teacher).
 
-Paper: S. Fan, X. Cheng, X. Wang, C. Yang, P. Deng, M. Liu, J. Deng, M. Liu, "Channel
-Self-Supervision for Online Knowledge Distillation", arXiv 2203.11660 (2022),
-https://arxiv.org/abs/2203.11660. Code: PumpkinsLemon/CSS@7b5c928 `resnet_css.py`, `train.py`
-(spec: specs/css.md; only the paper's abstract is available, everything else follows the code).
+Paper: S. Fan, X. Cheng, X. Wang, C. Yang, P. Deng, M. Liu, J. Deng, M. Liu, arXiv 2203.11660 (2022),
+https://arxiv.org/abs/2203.11660. Code: PumpkinsLemon/CSS@7b5c928 `resnet_css.py`, `train.py`, which this file follows
+(only the abstract is available; docs/css.md).
 
-Two multi-branch networks (default css_resnet110 and css_resnet56: a shared stem + layer1 +
-layer2, then 3 branches with their own layer3 and classifier) are trained together from scratch.
-Each branch sees the shared feature map with a different corner zeroed (the "feature-level
-transformation", at training and at test time) and is trained on an augmented label: class y seen
-by branch i is joint label y*3 + i of a 300-way head, so branches get different inputs and
-different targets. The networks distil into each other branch by branch (branch i of one network
-learns the 300-way softened distribution of branch i of the other, T = 3), each KD term weighted
-by the ratio of the two networks' cross-entropies, so the network that is currently worse learns
-more from its partner. A network predicts class c by averaging, over its branches, branch i's
-logit for joint label c*3 + i. Compared with kd.py: no pre-trained teacher, two networks and two
-optimizers, per-branch masks and joint labels, a warm-up, and three test accuracies (each network
-and their ensemble).
+Two multi-branch networks (a shared stem, layer1 and layer2, then 3 branches with their own layer3 and classifier)
+train together from scratch. Each branch sees the shared map with a different corner zeroed, also at test time, and
+learns a joint label: class y seen by branch i is y*3 + i of a 300-way head. Branch i of each network learns the
+partner's branch i's softened distribution (T = 3), each KD term weighted by the ratio of the networks' CEs, so the
+worse network learns more. A network predicts class c by averaging branch i's logit for c*3 + i over its branches.
+Compared with kd.py: no teacher, two networks and optimizers, masks, joint labels, a warm-up, three test accuracies.
+
+Run: python css.py --model-t css_resnet110 --model-s css_resnet56
 """
 
 import time
@@ -24,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -31,49 +27,27 @@ import common
 
 @dataclass
 class Args:
+    # Run
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
     """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
-    model_t: str = "css_resnet110"
-    """first network, net1 (the larger of the paper's pair; it learns too): css_resnet56/110/wide_resnet20_8"""
-    model_s: str = "css_resnet56"
-    """second network, net2: its accuracy is the primary test/top1"""
-    epochs: int = 300
-    """number of training epochs"""
-    batch_size: int = 128
-    """training batch size"""
-    learning_rate: float = 0.1
-    """initial lr of both networks (reached at the end of the warm-up)"""
-    lr_milestones: Tuple[int, ...] = (149, 224)
-    """0-based epochs at which the lr is multiplied by --lr-gamma (train.py decays at 1-based 150, 225)"""
-    lr_gamma: float = 0.1
-    """lr decay factor at each milestone"""
-    momentum: float = 0.9
-    """SGD momentum"""
-    nesterov: bool = False
-    """Nesterov momentum (CSS train.py: off)"""
-    weight_decay: float = 5e-4
-    """SGD weight decay, on all parameters"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means <method>_<networks>_<dataset>_seed<seed>"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
     """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
-    output_dir: str = "runs"
-    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
-    run_name: Optional[str] = None
-    """run folder name; unset means css_<model-t>_<model-s>_<dataset>_seed<seed>"""
-    device: Optional[str] = None
-    """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
-    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -84,19 +58,40 @@ class Args:
     """also log to Weights & Biases (needs the wandb package)"""
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
-    # CSS (specs/css.md sections 3-7)
+    # Recipe
+    model_t: str = "css_resnet110"
+    """first network, net1 (the larger of the paper's pair; it learns too): css_resnet56/110/wide_resnet20_8"""
+    model_s: str = "css_resnet56"
+    """second network, net2: its accuracy is the primary test/top1"""
+    epochs: int = 300
+    """number of training epochs"""
+    batch_size: int = 128
+    """training batch size"""
+    learning_rate: float = 0.1
+    """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
+    lr_milestones: Tuple[int, ...] = (149, 224)
+    """0-based epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = False
+    """Nesterov momentum"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on every trained parameter"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    # CSS
+    kd_T: float = 3.0
+    """softmax temperature T of the distillation KL"""
     warmup_epochs: int = 5
     """linear per-epoch warm-up: 0-based epoch e < W uses lr * (e + 1) / W"""
     branches: int = 3
     """branches per network (n_b); joint label space num_classes * n_b"""
-    kd_T: float = 3.0
-    """softmax temperature T of the branch-to-branch KD terms"""
     detach_kd_target: bool = False
-    """true stops the gradient through each KD term's target (the partner's branches); false, the official
-    train.py, lets both KD terms train both networks"""
+    """stop the gradient through each KD term's target; false (train.py) lets both KD terms train both networks"""
     detach_ratio: bool = False
-    """true makes the CE-ratio weights alpha1, alpha2 constants; false, the official train.py, passes their
-    gradient to both networks' CEs"""
+    """CE-ratio weights alpha1, alpha2 as constants; false (train.py) passes their gradient to both CEs"""
     mask: Literal["corners", "none"] = "corners"
     """[INTERP] feature-level transformation: corner masks per branch, or none (ablation)"""
     literal_mask3: bool = False
@@ -106,13 +101,88 @@ class Args:
     log_branch_top1: bool = True
     """[INTERP] also log each branch's test top-1 on its own slot (a diagnostic; no effect on training)"""
     distill: bool = True
-    """false drops both KD terms: each network trains alone on its joint-label CE (css.md section 8 baseline)"""
+    """false drops both KD terms: each network trains alone on its joint-label CE (the CE-only baseline)"""
+
+
+class CssBottleneck(nn.Module):
+    """torchvision's Bottleneck as resnet_css.py uses it: expansion 4, stride in the 3x3, projection `downsample`."""
+
+    expansion, width_factor = 4, 1  # inner width = planes * width_factor
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        width, out_planes = planes * self.width_factor, planes * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(in_planes, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes)
+        self.downsample = nn.Identity()
+        if stride != 1 or in_planes != out_planes:
+            projection = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+            self.downsample = nn.Sequential(projection, nn.BatchNorm2d(out_planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.downsample(x))
+
+
+class CssWideBottleneck(CssBottleneck):
+    width_factor = 8  # resnet_css.py wide_resnet20_8: width_per_group 64 * 8
+
+
+class CssMultiBranchResNet(nn.Module):
+    """resnet_css.py's multi-branch ResNet (depth 9n + 2): stem, layer1 and layer2 shared, then per branch i its own
+    `layer3_i` and `classifier3_i` Linear(256, num_classes * branches). forward(x, branch_masks) -> [N, C * n_b, n_b],
+    column i = branch i's logits; branch i's layer3 sees the layer2 map times branch_masks[i] (None: unmasked)."""
+
+    def __init__(self, blocks_per_stage, num_classes, branches=3, block=CssBottleneck):
+        super().__init__()
+        self.branches = branches
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.layer1 = common.residual_stage(block, 16, 16, blocks_per_stage, 1)
+        self.layer2 = common.residual_stage(block, 64, 32, blocks_per_stage, 2)
+        for i in range(branches):  # registration order = resnet_css.py's key order
+            self.add_module(f"layer3_{i}", common.residual_stage(block, 128, 64, blocks_per_stage, 2))
+            self.add_module(f"classifier3_{i}", nn.Linear(256, num_classes * branches))
+        self.feat_dim = 256
+        common.he_init_convs(self)  # BN 1/0 and Linear keep the PyTorch defaults
+
+    def forward(self, x, branch_masks=None):
+        shared = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))  # [N, 128, 16, 16]
+        if branch_masks is not None and branch_masks.shape[-2:] != shared.shape[-2:]:
+            raise ValueError(f"branch masks are {tuple(branch_masks.shape[-2:])}, the map {tuple(shared.shape[-2:])}")
+        outputs = []
+        for i in range(self.branches):
+            branch_input = shared if branch_masks is None else shared * branch_masks[i].to(shared.dtype)
+            features = getattr(self, f"layer3_{i}")(branch_input)  # [N, 256, 8, 8]
+            outputs.append(getattr(self, f"classifier3_{i}")(torch.flatten(F.avg_pool2d(features, 8), 1)))
+        return torch.stack(outputs, dim=2)
+
+
+# name -> (bottlenecks per stage, block): resnet_css.py's resnet56, resnet110 and wide_resnet20_8.
+CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck)}
+CSS_RESNETS["css_wide_resnet20_8"] = (2, CssWideBottleneck)
+
+
+def build_css_resnet(name, num_classes, branches=3):
+    """A CSS multi-branch network by name, with any number of branches."""
+    common.check_architectures(name, valid=tuple(CSS_RESNETS))  # the zoo's resnet56/110 are single-branch networks
+    model = CssMultiBranchResNet(CSS_RESNETS[name][0], num_classes, branches, CSS_RESNETS[name][1])
+    model.arch, model.num_classes = name, num_classes
+    return model
+
+
+def lr_with_warmup(epoch, base_lr, milestones, gamma, warmup_epochs):
+    """train.py's schedule: 0-based epoch e < warmup_epochs uses base_lr * (e + 1) / warmup_epochs, then
+    `lr_at_epoch` (5 epochs: 0.2, 0.4, ..., 1.0 times base_lr)."""
+    if epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
+    return common.lr_at_epoch(epoch, base_lr, milestones, gamma)
 
 
 def branch_mask(branch, height, width, literal_mask3=False):
-    """CSS's feature-level transformation for one branch: a [H, W] map of ones with one s x s
-    corner zeroed, s = H // 4 (resnet_css.py `transform`). Branch 0 loses the top-left corner,
-    1 the bottom-right, 2 the bottom-left, 3 the top-right; branches 4 and on are unmasked."""
+    """CSS's feature-level transformation (resnet_css.py `transform`): an [H, W] map of ones with one s x s corner
+    zeroed, s = H // 4: branch 0 top-left, 1 bottom-right, 2 bottom-left, 3 top-right; 4 and on unmasked."""
     size = height // 4
     mask = torch.ones(height, width)
     if branch == 0:
@@ -129,8 +199,7 @@ def branch_mask(branch, height, width, literal_mask3=False):
 
 
 def branch_masks(kind, branches, height, width, literal_mask3=False):
-    """All branches' masks [n_b, H, W] (multiplied into the layer2 map, shared by every channel),
-    or None for --mask none."""
+    """All branches' masks [n_b, H, W] (multiplied into the layer2 map, every channel), or None for --mask none."""
     if kind == "none":
         return None
     return torch.stack([branch_mask(i, height, width, literal_mask3) for i in range(branches)])
@@ -142,15 +211,13 @@ def branch_joint_labels(labels, branches):
 
 
 def branch_ce_loss(branch_logits, labels):
-    """CE_n = (1/n_b) sum_i CE(z_i, y * n_b + i), each CE a batch mean. branch_logits [N, C*n_b, n_b]
-    (cross_entropy's K-dim form averages over all N * n_b (row, branch) pairs: the same thing)."""
+    """CE_n = (1/n_b) sum_i CE(z_i, y * n_b + i), batch means; [N, C*n_b, n_b] (K-dim CE: the same mean)."""
     return F.cross_entropy(branch_logits, branch_joint_labels(labels, branch_logits.shape[2]))
 
 
 def branch_kd_loss(learner_logits, target_logits, temperature):
-    """T^2 * (1/n_b) sum_i KL(softmax(target_i / T) || softmax(learner_i / T)) over the full
-    C*n_b-way distribution of same-numbered branches, batchmean. Inputs [N, C*n_b, n_b].
-    The target is used as given: detaching it is the caller's choice (--detach-kd-target)."""
+    """T^2 * (1/n_b) sum_i KL(softmax(target_i / T) || softmax(learner_i / T)), batchmean, over the C*n_b-way
+    distributions of same-numbered branches; [N, C*n_b, n_b]. The target is used as given (--detach-kd-target)."""
     log_learner = F.log_softmax(learner_logits / temperature, dim=1)
     target_probs = F.softmax(target_logits / temperature, dim=1)
     rows, _, branches = learner_logits.shape
@@ -158,10 +225,8 @@ def branch_kd_loss(learner_logits, target_logits, temperature):
 
 
 def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, detach_ratio=False):
-    """L = [CE_t + alpha1 * KD_(t<-s)] + [CE_s + alpha2 * KD_(s<-t)], alpha1 = CE_t / CE_s,
-    alpha2 = CE_s / CE_t (docs/css.md, implementation details 4-5): the network with the higher CE
-    learns more from its partner. By default nothing is detached, as in the official train.py: the
-    targets and the ratios are differentiated too. Returns (total, dict of the terms)."""
+    """train.py: L = [CE_t + alpha1 * KD_(t<-s)] + [CE_s + alpha2 * KD_(s<-t)], alpha1 = CE_t / CE_s = 1 / alpha2.
+    By default nothing is detached, as there: targets and ratios get gradients too. Returns (total, terms)."""
     ce_t, ce_s = branch_ce_loss(logits_t, labels), branch_ce_loss(logits_s, labels)
     target_t = logits_t.detach() if detach_kd_target else logits_t
     target_s = logits_s.detach() if detach_kd_target else logits_s
@@ -170,19 +235,12 @@ def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, de
     ratio_t, ratio_s = (ce_t.detach(), ce_s.detach()) if detach_ratio else (ce_t, ce_s)
     alpha1, alpha2 = ratio_t / ratio_s, ratio_s / ratio_t
     total = (ce_t + alpha1 * kd_t_from_s) + (ce_s + alpha2 * kd_s_from_t)
-    return total, {
-        "ce_t": ce_t,
-        "ce_s": ce_s,
-        "kd_t_from_s": kd_t_from_s,
-        "kd_s_from_t": kd_s_from_t,
-        "alpha1": alpha1,
-        "alpha2": alpha2,
-    }
+    terms = {"ce_t": ce_t, "ce_s": ce_s, "kd_t_from_s": kd_t_from_s, "kd_s_from_t": kd_s_from_t}
+    return total, terms | {"alpha1": alpha1, "alpha2": alpha2}
 
 
 def own_slot_logits(branch_logits):
-    """Branch i's C logits of its own transformation slot: [N, C*n_b, n_b] -> [N, C, n_b] with
-    [n, c, i] = z_i[n, c * n_b + i]."""
+    """Branch i's C logits of its own slot: [N, C*n_b, n_b] -> [N, C, n_b], [n, c, i] = z_i[n, c * n_b + i]."""
     rows, joint, branches = branch_logits.shape
     by_slot = branch_logits.reshape(rows, joint // branches, branches, branches)  # [N, C, slot, branch]
     return by_slot.diagonal(dim1=2, dim2=3)
@@ -194,9 +252,8 @@ def aggregate_branches(branch_logits):
 
 
 def branch_diversity(logits_t, logits_s):
-    """OKDDip's diversity per image (css.md section 6): softmax over each of the 2 n_b branches'
-    joint logits, then the mean L2 distance over all branch pairs of both networks, and over the
-    n_b same-numbered (net1 branch i, net2 branch i) pairs. Returns two [N] tensors."""
+    """OKDDip's diversity per image (docs/css.md): the mean L2 distance between the softmaxes of the 2 n_b branches,
+    over all pairs and over the n_b same-numbered (net1 branch i, net2 branch i) pairs. Returns two [N] tensors."""
     branches = logits_t.shape[2]
     probs = F.softmax(torch.cat([logits_t, logits_s], dim=2), dim=1).transpose(1, 2)  # [N, 2n_b, C*n_b]
     distances = torch.cdist(probs, probs)  # [N, 2n_b, 2n_b]
@@ -206,86 +263,75 @@ def branch_diversity(logits_t, logits_s):
 
 
 @torch.no_grad()
-def evaluate_css(net_t, net_s, masks, data, batch_size, amp, with_branches=True, with_diversity=False):
-    """One pass over the test set, eval mode, masks on (as train.py tests): top-1/top-5 (%) of
-    net1 (--model-t), net2 (--model-s) and their ensemble (mean of the aggregated logits), top-1
-    of every branch on its own slot, and optionally the diversity (mean per image)."""
+def evaluate_css(net_t, net_s, masks, data, args):
+    """One pass over the test set, eval mode, masks on (as train.py tests): top-1/top-5 (%) of net1, net2 and their
+    ensemble (mean aggregated logits); each branch's own-slot top-1 and the diversity when asked for."""
     net_t.eval()
     net_s.eval()
-    device = data.test_labels.device
     meter = common.Meter()
-    for start in range(0, len(data.test_labels), batch_size):
-        images = data.normalize(data.test_images[start : start + batch_size])
-        labels = data.test_labels[start : start + batch_size]
-        with common.autocast(device, amp):
+    for images, labels in common.test_batches(data, args.eval_batch_size):
+        with common.autocast(images.device, args.amp):
             logits_t, logits_s = net_t(images, masks).float(), net_s(images, masks).float()
         aggregated_t, aggregated_s = aggregate_branches(logits_t), aggregate_branches(logits_s)
-        for name, scores in (
-            ("net1", aggregated_t),
-            ("net2", aggregated_s),
-            ("ensemble", (aggregated_t + aggregated_s) / 2),
-        ):
+        ensemble = (aggregated_t + aggregated_s) / 2
+        for name, scores in (("net1", aggregated_t), ("net2", aggregated_s), ("ensemble", ensemble)):
             top = scores.topk(min(5, data.num_classes), dim=1).indices
             meter.add_sum(f"{name}_top1", 100.0 * (top[:, 0] == labels).sum(), len(labels))
             meter.add_sum(f"{name}_top5", 100.0 * (top == labels[:, None]).any(dim=1).sum(), len(labels))
-        for name, logits in (("net1", logits_t), ("net2", logits_s)) if with_branches else ():
+        for name, logits in (("net1", logits_t), ("net2", logits_s)) if args.log_branch_top1 else ():
             for i, slot_scores in enumerate(own_slot_logits(logits).unbind(dim=2)):
                 meter.add_sum(f"{name}_branch{i}_top1", 100.0 * common.accuracy_count(slot_scores, labels), len(labels))
-        if with_diversity:
+        if args.log_diversity:
             all_pairs, same_numbered = branch_diversity(logits_t, logits_s)
             meter.add_sum("diversity", all_pairs.sum(), len(labels))
             meter.add_sum("diversity_paired", same_numbered.sum(), len(labels))
     return meter.averages()
 
 
-NO_BEST = {"top1": 0.0, "top5": 0.0, "epoch": -1}
-
-
 if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
-    common.print_config(args, "css")
+    common.check_architectures(args.model_t, args.model_s, valid=tuple(CSS_RESNETS))
+    # --- METHOD: CSS's own arguments, checked before any data or run folder ---
     if args.branches < 1 or args.warmup_epochs < 0:
         raise common.ConfigError("--branches must be at least 1 and --warmup-epochs at least 0")
-    for arch in (args.model_t, args.model_s):  # a wrong name stops here, before any data or run folder
-        if arch not in common.CSS_RESNETS:
-            common.build_css_resnet(arch, 10)  # raises the message that names the CSS networks
+    # --- END METHOD ---
+    common.print_config(args, "css")
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
     run_dir = common.prepare_run_dir(args, f"css_{args.model_t}_{args.model_s}_{args.dataset}_seed{args.seed}")
 
     # --- METHOD: two multi-branch networks from scratch, one SGD optimizer each; per-branch masks ---
-    net_t, net_s = (
-        common.prepare_model(common.build_css_resnet(arch, data.num_classes, args.branches), device, args.amp)
-        for arch in (args.model_t, args.model_s)
-    )
+    net_t, net_s = (build_css_resnet(arch, data.num_classes, args.branches) for arch in (args.model_t, args.model_s))
+    net_t, net_s = (common.prepare_model(net, device, args.amp) for net in (net_t, net_s))
     for name, net in (("net1", net_t), ("net2", net_s)):
         print(f"{name}: {net.arch}, {args.branches} branches, {sum(p.numel() for p in net.parameters()):,} parameters")
-    feature_size = data.train_images.shape[2] // 2  # the masked map is layer2's output: 16x16 on CIFAR
-    masks = branch_masks(args.mask, args.branches, feature_size, feature_size, args.literal_mask3)
+    size = data.train_images.shape[2] // 2  # the masked map is layer2's output: 16x16 on CIFAR
+    masks = branch_masks(args.mask, args.branches, size, size, args.literal_mask3)
     masks = masks.to(device) if masks is not None else None
     optimizer_t = common.make_sgd(net_t.parameters(), args.learning_rate, args)
     optimizer_s = common.make_sgd(net_s.parameters(), args.learning_rate, args)
     # last.pth keeps net2 in the standard slots and net1 beside it, so it also loads as a net2 checkpoint.
     start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args)
-    best_net1, best_ensemble = dict(NO_BEST), dict(NO_BEST)
+    best_net1, best_ensemble = dict(best), dict(best)  # no best yet (on resume, read below)
     if checkpoint is not None:
-        common.load_weights(
-            net_t, {"model": checkpoint["net1_model"], "arch": checkpoint["net1_arch"]}, str(run_dir / "last.pth")
-        )
+        net1_checkpoint = {"model": checkpoint["net1_model"], "arch": checkpoint["net1_arch"]}
+        common.load_weights(net_t, net1_checkpoint, str(run_dir / "last.pth"))
         optimizer_t.load_state_dict(checkpoint["net1_optimizer"])
         best_net1, best_ensemble = checkpoint["best_net1"], checkpoint["best_ensemble"]
+    result = None
     # --- END METHOD ---
     logger = common.Logger(run_dir, args, start_epoch)
 
-    result = None
     for epoch in range(start_epoch, args.epochs):
-        lr = common.lr_with_warmup(epoch, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
+        # --- METHOD: train.py's warm-up, then the step schedule, for both networks ---
+        lr = lr_with_warmup(epoch, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
         common.set_lr(optimizer_t, lr)
         common.set_lr(optimizer_s, lr)
         net_t.train()
         net_s.train()
+        # --- END METHOD ---
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
         for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
             # --- METHOD: CSS, joint-label CE per branch + CE-ratio-weighted branch-to-branch KD ---
@@ -317,9 +363,7 @@ if __name__ == "__main__":
         common.check_finite(metrics, epoch, run_dir)
         images_per_s = images_seen / (time.time() - epoch_start)
         # --- METHOD: three test accuracies (net1, net2 = primary, ensemble), each with its best epoch ---
-        result = evaluate_css(
-            net_t, net_s, masks, data, args.eval_batch_size, args.amp, args.log_branch_top1, args.log_diversity
-        )
+        result = evaluate_css(net_t, net_s, masks, data, args)
         if result["net2_top1"] > best["top1"]:
             best = {"top1": result["net2_top1"], "top5": result["net2_top5"], "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(net_s, epoch + 1, best, args))
@@ -328,61 +372,29 @@ if __name__ == "__main__":
             common.save_checkpoint(run_dir / "best_net1.pth", common.model_payload(net_t, epoch + 1, best_net1, args))
         if result["ensemble_top1"] > best_ensemble["top1"]:
             best_ensemble = {"top1": result["ensemble_top1"], "top5": result["ensemble_top5"], "epoch": epoch}
-        metrics.update(
-            {
-                "lr": lr,
-                "test/top1": result["net2_top1"],
-                "test/top5": result["net2_top5"],
-                "test/best_top1": best["top1"],
-                **{f"test/{name}": value for name, value in result.items()},
-                "test/net1_best_top1": best_net1["top1"],
-                "test/ensemble_best_top1": best_ensemble["top1"],
-                "speed/images_per_s": images_per_s,
-            }
-        )
+        metrics.update({"lr": lr, "test/top1": result["net2_top1"], "test/top5": result["net2_top5"]})
+        metrics.update({"test/best_top1": best["top1"], **{f"test/{name}": value for name, value in result.items()}})
+        metrics.update({"test/net1_best_top1": best_net1["top1"], "test/ensemble_best_top1": best_ensemble["top1"]})
+        metrics["speed/images_per_s"] = images_per_s
         logger.log(epoch, metrics)
-        common.save_checkpoint(
-            run_dir / "last.pth",
-            common.training_state(
-                net_s,
-                optimizer_s,
-                epoch + 1,
-                best,
-                args,
-                net1_model=net_t.state_dict(),
-                net1_arch=net_t.arch,
-                net1_optimizer=optimizer_t.state_dict(),
-                best_net1=best_net1,
-                best_ensemble=best_ensemble,
-            ),
-        )
+        state = common.training_state(net_s, optimizer_s, epoch + 1, best, args)
+        state.update(net1_model=net_t.state_dict(), net1_arch=net_t.arch, net1_optimizer=optimizer_t.state_dict())
+        state.update(best_net1=best_net1, best_ensemble=best_ensemble)
+        common.save_checkpoint(run_dir / "last.pth", state)
         # --- END METHOD ---
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
-    # The last epoch's evaluation is the last-epoch result (eval mode is deterministic); a resumed
-    # run that had nothing left to train evaluates once.
-    last = (
-        result
-        if result is not None
-        else evaluate_css(
-            net_t, net_s, masks, data, args.eval_batch_size, args.amp, args.log_branch_top1, args.log_diversity
-        )
-    )
-    extra = {"primary": f"net2 ({args.model_s})", "net1_arch": args.model_t, "net2_arch": args.model_s}
+    # --- METHOD: every network's last and best epoch, recorded in summary.json ---
+    # The last epoch's evaluation is the last-epoch result (eval mode is deterministic); a finished run evaluates once.
+    last = result if result is not None else evaluate_css(net_t, net_s, masks, data, args)
+    summary = {"primary": f"net2 ({args.model_s})", "net1_arch": args.model_t, "net2_arch": args.model_s}
     for name, best_of in (("net1", best_net1), ("net2", best), ("ensemble", best_ensemble)):
-        extra.update(
-            {
-                f"{name}_last_top1": last[f"{name}_top1"],
-                f"{name}_last_top5": last[f"{name}_top5"],
-                f"{name}_best_top1": best_of["top1"],
-                f"{name}_best_epoch": best_of["epoch"] + 1,
-            }
-        )
-        print(
-            f"{name}: last-epoch top1 {last[f'{name}_top1']:.2f}, best-epoch top1 {best_of['top1']:.2f} "
-            f"at epoch {best_of['epoch'] + 1}",
-            flush=True,
-        )
-    extra["last_branch_top1"] = {name: value for name, value in last.items() if "_branch" in name}
-    extra.update({f"last_{name}": value for name, value in last.items() if name.startswith("diversity")})
-    common.write_summary(run_dir, args, best, {"top1": last["net2_top1"], "top5": last["net2_top5"]}, "css", **extra)
+        summary.update({f"{name}_last_top1": last[f"{name}_top1"], f"{name}_last_top5": last[f"{name}_top5"]})
+        summary.update({f"{name}_best_top1": best_of["top1"], f"{name}_best_epoch": best_of["epoch"] + 1})
+        line = f"{name}: last-epoch top1 {last[f'{name}_top1']:.2f}, best-epoch top1 {best_of['top1']:.2f}"
+        print(f"{line} at epoch {best_of['epoch'] + 1}", flush=True)
+    summary["last_branch_top1"] = {name: value for name, value in last.items() if "_branch" in name}
+    summary.update({f"last_{name}": value for name, value in last.items() if name.startswith("diversity")})
+    last = {"top1": last["net2_top1"], "top5": last["net2_top5"]}
+    # --- END METHOD ---
+    common.write_summary(run_dir, args, best, last, "css", **summary)

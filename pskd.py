@@ -1,19 +1,18 @@
 """Progressive Self-Knowledge Distillation (PS-KD) on CIFAR, with the official recipe.
 
-Paper: K. Kim, B. Ji, D. Yoon, S. Hwang, "Self-Knowledge Distillation with Progressive Refinement of
-Targets", ICCV 2021, https://arxiv.org/abs/2006.12000. Reference code: lgcnsai/PS-KD-Pytorch@9aa0828
-`main.py`, `loss/pskd_loss.py` (spec: specs/pskd.md).
+Paper: K. Kim, B. Ji, D. Yoon, S. Hwang, "Self-Knowledge Distillation with Progressive Refinement of Targets", ICCV
+2021, https://arxiv.org/abs/2006.12000. Reference code: lgcnsai/PS-KD-Pytorch@9aa0828 `main.py`,
+`loss/pskd_loss.py` (docs/pskd.md).
 
-There is no teacher network: the model is its own teacher, one epoch in the past. A buffer keeps,
-for every training image (addressed by its dataset index), the softmax the model gave it during the
-previous epoch. The target of an image is a mix of its one-hot label and that past prediction,
-(1 - alpha_e) * onehot(y) + alpha_e * P[i], with alpha_e growing linearly from ~0 to alpha_T = 0.8
-over training, and the loss is the cross-entropy with that soft target. Targets are built before
-the forward pass; the buffer rows of the batch are overwritten after the optimizer step. Epoch-0
-targets are exactly one-hot. Compared with kd.py: no teacher, one model (`--model`, default PS-KD's
-PreActResNet18), the buffer (saved in last.pth so `--resume` is exact), soft-target CE instead of
-CE + KL, PS-KD's recipe (300 epochs, batch 128, lr 0.1 Nesterov, x0.1 at 150 and 225), CIFAR-10
-normalisation constants, and test NLL and ECE logged beside the accuracy.
+There is no teacher network: the model is its own teacher, one epoch in the past. A buffer keeps, for every training
+image (by dataset index), the softmax the model gave it in the previous epoch. An image's target is
+(1 - alpha_e) * onehot(y) + alpha_e * P[i], with alpha_e growing linearly to alpha_T = 0.8, and the loss is the
+cross-entropy with that soft target. Targets are built before the forward pass, the batch's buffer rows overwritten
+after the optimizer step; epoch-0 targets are exactly one-hot. Compared with kd.py: no teacher, one model (`--model`,
+default PreActResNet18), the buffer (in last.pth, so `--resume` is exact), soft-target CE instead of CE + KL, PS-KD's
+recipe (300 epochs, batch 128, lr 0.1 Nesterov, x0.1 at 150 and 225), CIFAR-10 normalisation, and test NLL and ECE.
+
+Run: python pskd.py --model resnet18
 """
 
 import time
@@ -28,47 +27,27 @@ import common
 
 @dataclass
 class Args:
+    # Run
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
     """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
-    model: str = "PreActResNet18"
-    """zoo architecture to train; resnet18/ResNet18 (PS-KD's name) mean PreActResNet18"""
-    epochs: int = 300
-    """number of training epochs (also the E of the alpha ramp)"""
-    batch_size: int = 128
-    """training batch size"""
-    learning_rate: float = 0.1
-    """initial lr, for every architecture: PS-KD has no MobileNetV2/ShuffleNet rule [INTERP]"""
-    lr_milestones: Tuple[int, ...] = (150, 225)
-    """0-based epochs at which the lr is multiplied by --lr-gamma"""
-    lr_gamma: float = 0.1
-    """lr decay factor at each milestone"""
-    momentum: float = 0.9
-    """SGD momentum"""
-    nesterov: bool = True
-    """Nesterov momentum (PS-KD: on)"""
-    weight_decay: float = 5e-4
-    """SGD weight decay, on all parameters"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means <method>_<networks>_<dataset>_seed<seed>"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
     """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
-    output_dir: str = "runs"
-    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
-    run_name: Optional[str] = None
-    """run folder name; unset means pskd_<model>_<dataset>_seed<seed> (pskd-off_... with --pskd false)"""
-    device: Optional[str] = None
-    """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
-    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -79,7 +58,28 @@ class Args:
     """also log to Weights & Biases (needs the wandb package)"""
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
-    # PS-KD (specs/pskd.md section 8)
+    # Recipe
+    model: str = "PreActResNet18"
+    """zoo architecture to train; resnet18/ResNet18 (PS-KD's name) mean PreActResNet18"""
+    epochs: int = 300
+    """number of training epochs"""
+    batch_size: int = 128
+    """training batch size"""
+    learning_rate: float = 0.1
+    """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
+    lr_milestones: Tuple[int, ...] = (150, 225)
+    """0-based epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = True
+    """Nesterov momentum"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on every trained parameter"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    # PS-KD
     pskd: bool = True
     """PS-KD soft targets; false trains with plain cross-entropy and the same recipe (the baseline)"""
     alpha_T: float = 0.8
@@ -145,16 +145,50 @@ def restore_predictions(predictions, checkpoint, path):
     predictions.copy_(saved)
 
 
+def calibration_error(confidences, correct, bins=10):
+    """Expected calibration error in % (Guo et al. 2017): sum over equal-width confidence bins
+    (lower, upper] of (bin count / N) * |accuracy in bin - mean confidence in bin|.
+    confidences: max softmax probability [N]; correct: bool [N]."""
+    edges = torch.linspace(0, 1, bins + 1, device=confidences.device)
+    bin_of = torch.bucketize(confidences, edges[1:-1])  # right-closed bins; 0 and 1 fall in the end bins
+    # Per bin, sum(correct - confidence) = count * (accuracy - mean confidence); a one-hot matmul
+    # instead of index_add_ keeps it deterministic on CUDA.
+    gaps = F.one_hot(bin_of, bins).float().T @ (correct.float() - confidences.float())
+    return 100.0 * gaps.abs().sum().item() / len(confidences)
+
+
+@torch.no_grad()
+def evaluate_calibrated(model, data, batch_size=128, amp=False, bins=10):
+    """`evaluate` plus calibration, from one pass over the test set: top1, top5 (%), nll (mean test
+    cross-entropy, nats) and ece (expected calibration error with `bins` bins, %)."""
+    model.eval()
+    chunks = []
+    for images, _ in common.test_batches(data, batch_size):
+        with common.autocast(images.device, amp):
+            chunks.append(model(images).float())
+    logits, labels = torch.cat(chunks), data.test_labels
+    top = logits.topk(min(5, data.num_classes), dim=1).indices
+    confidences = F.softmax(logits, dim=1).max(dim=1).values
+    return {
+        "top1": 100.0 * (top[:, 0] == labels).sum().item() / len(labels),
+        "top5": 100.0 * (top == labels[:, None]).any(dim=1).sum().item() / len(labels),
+        "nll": F.cross_entropy(logits, labels).item(),
+        "ece": calibration_error(confidences, top[:, 0] == labels, bins),
+    }
+
+
 if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
+    # --- METHOD: PS-KD's name for its network is accepted too ---
     common.check_architectures(args.model, valid=common.MODEL_NAMES + tuple(MODEL_ALIASES))
     args.model = MODEL_ALIASES.get(args.model, args.model)
+    # --- END METHOD ---
     common.print_config(args, "pskd")
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    method_name = "pskd" if args.pskd else "pskd-off"
+    method_name = "pskd" if args.pskd else "pskd-off"  # the baseline's runs are told apart by name
     run_dir = common.prepare_run_dir(args, f"{method_name}_{args.model}_{args.dataset}_seed{args.seed}")
 
     model = common.prepare_model(common.build_model(args.model, data.num_classes), device, args.amp)
@@ -167,14 +201,16 @@ if __name__ == "__main__":
         predictions = torch.zeros(len(data.train_labels), data.num_classes, device=buffer_device)
         if checkpoint is not None:
             restore_predictions(predictions, checkpoint, run_dir / "last.pth")
-    evaluate = common.evaluate_calibrated if args.log_calibration else common.evaluate
+    evaluate = evaluate_calibrated if args.log_calibration else common.evaluate
     # --- END METHOD ---
     logger = common.Logger(run_dir, args, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
         lr = common.lr_at_epoch(epoch, args.learning_rate, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
-        alpha = pskd_alpha(epoch, args.epochs, args.alpha_T)  # PS-KD: one alpha for every batch of the epoch
+        # --- METHOD: one alpha for every batch of the epoch ---
+        alpha = pskd_alpha(epoch, args.epochs, args.alpha_T)
+        # --- END METHOD ---
         model.train()
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
         for images, labels, sample_ids in common.train_batches(
@@ -194,8 +230,8 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # --- METHOD: after the step, this iteration's predictions (pre-update weights, train mode,
-            # this epoch's augmentation) become the sample's row: the official code's timing ---
+            # --- METHOD: this iteration's predictions become the samples' rows ---
+            # After the step, as the official code does: pre-update weights, train mode, this epoch's augmentation.
             if args.pskd:
                 record_predictions(predictions, sample_ids, logits)
             # --- END METHOD ---
@@ -210,28 +246,24 @@ if __name__ == "__main__":
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
-        metrics.update(
-            {
-                "lr": lr,
-                "test/top1": result["top1"],
-                "test/top5": result["top5"],
-                "test/best_top1": best["top1"],
-                "speed/images_per_s": images_per_s,
-            }
-        )
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
+        metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         # --- METHOD: the alpha of the epoch and the calibration metrics the paper reports ---
         metrics.update({f"test/{name}": result[name] for name in ("nll", "ece") if name in result})
         if args.pskd:
             metrics["pskd/alpha"] = alpha
         # --- END METHOD ---
         logger.log(epoch, metrics)
-        common.save_checkpoint(
-            run_dir / "last.pth",
-            common.training_state(model, optimizer, epoch + 1, best, args, predictions=predictions),
-        )
+        state = common.training_state(model, optimizer, epoch + 1, best, args)
+        # --- METHOD: the prediction buffer is part of the training state ---
+        state["predictions"] = predictions
+        # --- END METHOD ---
+        common.save_checkpoint(run_dir / "last.pth", state)
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = evaluate(model, data, args.eval_batch_size, args.amp)
-    calibration = {f"last_{name}": last[name] for name in ("nll", "ece") if name in last}
-    calibration.update({f"best_epoch_{name}": best[name] for name in ("nll", "ece") if name in best})
-    common.write_summary(run_dir, args, best, last, "pskd", **calibration)
+    # --- METHOD: the calibration of the last and of the best epoch, recorded in summary.json ---
+    summary = {f"last_{name}": last[name] for name in ("nll", "ece") if name in last}
+    summary.update({f"best_epoch_{name}": best[name] for name in ("nll", "ece") if name in best})
+    # --- END METHOD ---
+    common.write_summary(run_dir, args, best, last, "pskd", **summary)

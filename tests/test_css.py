@@ -1,4 +1,4 @@
-"""css.py: the CSS networks against the spec's reference, mask placement, joint labels, the loss
+"""css.py: the CSS networks against the official code's reference, mask placement, joint labels, the loss
 terms against hand-computed values, the detach policy, the aggregation rule, and one end-to-end
 run that is interrupted and resumed."""
 
@@ -20,7 +20,9 @@ from css import (
     branch_kd_loss,
     branch_mask,
     branch_masks,
+    build_css_resnet,
     css_loss,
+    lr_with_warmup,
 )
 
 CSS_NAMES = ("css_resnet56", "css_resnet110", "css_wide_resnet20_8")
@@ -34,12 +36,12 @@ def parameter_count(modules):
     return sum(p.numel() for module in modules for p in module.parameters())
 
 
-# ---- networks (zoo.md 4.3) ----
+# ---- networks (resnet_css.py) ----
 
 
 @pytest.mark.parametrize("name", CSS_NAMES)
 def test_css_network_state_dict_and_parameter_count_equal_the_reference(name):
-    model = common.build_css_resnet(name, 100)
+    model = build_css_resnet(name, 100)
     assert {key: list(t.shape) for key, t in model.state_dict().items()} == ZOO_REFERENCE[name]["state_dict"]
     assert parameter_count([model]) == ZOO_REFERENCE[name]["params"]
 
@@ -48,7 +50,7 @@ def test_css_network_state_dict_and_parameter_count_equal_the_reference(name):
     "name, trunk, branch", [("css_resnet56", 141_264, 524_588), ("css_resnet110", 275_280, 946_988)]
 )
 def test_css_network_shares_stem_layer1_layer2_and_owns_layer3_and_classifier_per_branch(name, trunk, branch):
-    model = common.build_css_resnet(name, 100)
+    model = build_css_resnet(name, 100)
     assert parameter_count([model.conv1, model.bn1, model.layer1, model.layer2]) == trunk
     for i in range(3):
         assert parameter_count([getattr(model, f"layer3_{i}"), getattr(model, f"classifier3_{i}")]) == branch
@@ -57,14 +59,14 @@ def test_css_network_shares_stem_layer1_layer2_and_owns_layer3_and_classifier_pe
 
 def test_css_network_outputs_one_column_of_joint_logits_per_branch():
     with torch.no_grad():
-        assert common.build_css_resnet("css_resnet56", 100).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 300, 3)
-        two_branches = common.build_css_resnet("css_resnet56", 10, branches=2).eval()
+        assert build_css_resnet("css_resnet56", 100).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 300, 3)
+        two_branches = build_css_resnet("css_resnet56", 10, branches=2).eval()
         assert two_branches(torch.randn(2, 3, 32, 32), branch_masks("corners", 2, 16, 16)).shape == (2, 20, 2)
-    with pytest.raises(common.ConfigError, match="single-branch"):
-        common.build_css_resnet("resnet56", 100)
+    with pytest.raises(common.ConfigError, match="did you mean css_resnet56"):
+        build_css_resnet("resnet56", 100)
 
 
-# ---- feature-level transformation (css.md section 3) ----
+# ---- feature-level transformation (resnet_css.py transform) ----
 
 
 def zeroed_cells(mask):
@@ -76,7 +78,7 @@ def block(rows, cols):
 
 
 def test_branch_masks_zero_top_left_bottom_right_bottom_left_quarter_sized_corners():
-    # 16x16 layer2 map, s = 4: TL, BR, BL (css.md section 3; branch 3 only exists with n_b >= 4).
+    # 16x16 layer2 map, s = 4: TL, BR, BL (branch 3 only exists with n_b >= 4).
     assert zeroed_cells(branch_mask(0, 16, 16)) == block(range(0, 4), range(0, 4))
     assert zeroed_cells(branch_mask(1, 16, 16)) == block(range(12, 16), range(12, 16))
     assert zeroed_cells(branch_mask(2, 16, 16)) == block(range(12, 16), range(0, 4))
@@ -93,7 +95,7 @@ def test_literal_mask3_reproduces_the_one_column_bug_of_the_code():
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_branch_i_sees_the_layer2_output_times_mask_i_on_every_channel(train_mode):
     torch.manual_seed(0)
-    model = common.build_css_resnet("css_resnet56", 100).train(train_mode)
+    model = build_css_resnet("css_resnet56", 100).train(train_mode)
     masks = branch_masks("corners", 3, 16, 16)
     seen = {}
     model.layer2.register_forward_hook(lambda module, inputs, output: seen.__setitem__("shared", output))
@@ -112,14 +114,14 @@ def test_branch_i_sees_the_layer2_output_times_mask_i_on_every_channel(train_mod
 
 
 def test_masked_forward_runs_under_bf16_autocast_and_channels_last():
-    model = common.prepare_model(common.build_css_resnet("css_resnet56", 100), torch.device("cpu"), amp=True).eval()
+    model = common.prepare_model(build_css_resnet("css_resnet56", 100), torch.device("cpu"), amp=True).eval()
     with torch.no_grad(), common.autocast(torch.device("cpu"), True):
         images = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
         logits = model(images, branch_masks("corners", 3, 16, 16))
     assert logits.shape == (2, 300, 3) and torch.isfinite(logits.float()).all()
 
 
-# ---- augmented labels and losses (css.md sections 4-5) ----
+# ---- augmented labels and losses (train.py) ----
 
 
 def test_branch_i_is_trained_on_joint_label_y_times_branches_plus_i():
@@ -230,7 +232,7 @@ def test_literal_default_lets_both_kd_terms_and_both_ratios_train_each_network()
     torch.testing.assert_close(literal_s.grad, fresh_s.grad + from_partner_term, rtol=1e-5, atol=1e-7)
 
 
-# ---- prediction (css.md section 6) ----
+# ---- prediction (train.py) ----
 
 
 def test_prediction_averages_each_branch_logits_of_its_own_slot():
@@ -251,7 +253,7 @@ def test_branch_diversity_golden_value():
     assert branch_diversity(identical, identical)[1].abs().max().item() < 1e-5
 
 
-# ---- recipe (css.md section 7) ----
+# ---- recipe (train.py) ----
 
 
 def test_defaults_follow_the_code_recipe_and_lr_warms_up_then_decays_at_149_and_224():
@@ -268,7 +270,7 @@ def test_defaults_follow_the_code_recipe_and_lr_warms_up_then_decays_at_149_and_
     assert args.normalize is None  # css.py resolves it to CSS's CIFAR-10 constants on both datasets
     assert not args.detach_kd_target and not args.detach_ratio and args.mask == "corners" and not args.literal_mask3
     lrs = [
-        common.lr_with_warmup(e, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
+        lr_with_warmup(e, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
         for e in range(args.epochs)
     ]
     assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.10])
@@ -332,9 +334,7 @@ def test_css_run_reports_three_accuracies_and_resumes_to_the_weights_of_an_unint
     assert summary["args"]["detach_kd_target"] is False and summary["args"]["detach_ratio"] is False
     for checkpoint in ("best.pth", "best_net1.pth"):
         path = tmp_path / "runs" / "straight" / checkpoint  # RepDistiller-style {"model": ...} files
-        common.load_weights(
-            common.build_css_resnet("css_resnet56", 100), torch.load(path, weights_only=False), str(path)
-        )
+        common.load_weights(build_css_resnet("css_resnet56", 100), torch.load(path, weights_only=False), str(path))
 
     a = torch.load(tmp_path / "runs" / "straight" / "last.pth", weights_only=False)
     b = torch.load(tmp_path / "runs" / "resumed" / "last.pth", weights_only=False)

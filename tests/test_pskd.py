@@ -14,6 +14,8 @@ from conftest import ZOO_REFERENCE, run_script
 import common
 from pskd import (
     MODEL_ALIASES,
+    calibration_error,
+    evaluate_calibrated,
     progressive_targets,
     pskd_alpha,
     read_targets,
@@ -81,7 +83,7 @@ def test_soft_cross_entropy_is_cross_entropy_for_one_hot_targets_and_its_gradien
     labels = torch.tensor([0, 6, 3, 3, 1])
     one_hot = F.one_hot(labels, 7).float()
     assert soft_cross_entropy(logits, one_hot).item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
-    # Derived gradient (pskd.md section 1): (softmax - target) / B for the soft target too.
+    # Derived gradient (docs/pskd.md): (softmax - target) / B for the soft target too.
     targets = progressive_targets(labels, F.softmax(torch.randn(5, 7, generator=generator), dim=1), 0.6)
     soft_cross_entropy(logits, targets).backward()
     torch.testing.assert_close(logits.grad, (F.softmax(logits.detach(), dim=1) - targets) / 5)
@@ -146,7 +148,7 @@ def test_restoring_a_buffer_of_another_run_says_what_to_do():
     assert torch.equal(predictions, torch.full((4, 3), 0.5))
 
 
-# ---- PS-KD's PreActResNet18 (zoo.md 4.2) ----
+# ---- PS-KD's PreActResNet18 (PS-KD's models/preact_resnet.py) ----
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +231,9 @@ def test_calibration_error_golden_value():
     # ECE = (2 * 0.45 + 0.45 + 0.15) / 4 = 0.375 -> 37.5 %.
     confidences = torch.tensor([0.95, 0.95, 0.55, 0.15])
     correct = torch.tensor([True, False, True, False])
-    assert common.calibration_error(confidences, correct) == pytest.approx(37.5, abs=1e-4)
+    assert calibration_error(confidences, correct) == pytest.approx(37.5, abs=1e-4)
     # Gaps of opposite sign inside one bin cancel; one bin for everything is |accuracy - confidence|.
-    assert common.calibration_error(confidences, correct, bins=1) == pytest.approx(100 * abs(0.5 - 0.65), abs=1e-4)
+    assert calibration_error(confidences, correct, bins=1) == pytest.approx(100 * abs(0.5 - 0.65), abs=1e-4)
 
 
 def test_evaluate_calibrated_agrees_with_evaluate(cifar_dir):
@@ -240,7 +242,7 @@ def test_evaluate_calibrated_agrees_with_evaluate(cifar_dir):
     torch.manual_seed(0)
     model = common.build_model("resnet8", 100)
     plain = common.evaluate(model, data, 64)
-    calibrated = common.evaluate_calibrated(model, data, 64)
+    calibrated = evaluate_calibrated(model, data, 64)
     assert (calibrated["top1"], calibrated["top5"]) == (plain["top1"], plain["top5"])
     with torch.no_grad():
         logits = model(data.normalize(data.test_images))

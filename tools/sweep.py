@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402  (the zoo names and the process helper; importing it has no side effects)
+from css import CSS_RESNETS  # noqa: E402  (CSS's own networks; importing css.py has no side effects)
 
 METHODS = ("baseline", "kd", "sskd", "hssakd", "pskd", "lsskd", "css")
 DISTILLATION = ("kd", "sskd", "hssakd")  # need a teacher -> student pair
@@ -120,10 +121,10 @@ def grid_point(method, pair, dataset, tag="", variant_flags=()):
         check_model(student, common.MODEL_NAMES)
         flags, models = ["--teacher", teacher, "--student", student], f"{teacher}-{student}"
     elif method == "css":
-        if teacher not in common.CSS_RESNETS or student not in common.CSS_RESNETS:
+        if teacher not in CSS_RESNETS or student not in CSS_RESNETS:
             raise SweepError(
                 f"css trains two CSS networks together: give --pairs NET1:NET2 with names from "
-                f"{', '.join(common.CSS_RESNETS)} (got {teacher}:{student})"
+                f"{', '.join(CSS_RESNETS)} (got {teacher}:{student})"
             )
         flags, models = ["--model-t", teacher, "--model-s", student], f"{teacher}-{student}"
     else:

@@ -81,7 +81,7 @@ def golden_batch():
 
 
 def test_sskd_loss_terms_match_hand_computed_values():
-    losses, keep_tf, keep_ss = sskd_loss(*golden_batch())
+    losses, keep_tf, keep_ss = sskd_loss(*golden_batch(), sskd.Args())
     # ce: upright student rows [2, 0] (label 0) and [0, 0] (label 1).
     ce = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
     # kd: upright row 0 is a swapped pair with x = 2 at T = 4, row 1 agrees; batchmean over 2, x T^2.
@@ -102,11 +102,17 @@ def test_sskd_loss_terms_match_hand_computed_values():
 
 def test_sskd_loss_normalises_tf_and_ss_by_the_kept_rows_and_applies_the_weight_flags():
     batch = golden_batch()
-    everything = sskd_loss(*batch, ratio_ss=1.0)[0]  # row 2 kept: two swapped rows over 6
+    everything = sskd_loss(*batch, dataclasses.replace(sskd.Args(), ratio_ss=1.0))[
+        0
+    ]  # row 2 kept: two swapped rows over 6
     assert everything["ss"].item() == pytest.approx(0.25 * 2 * swapped_pair_kl(0.5, 0.5) / 6, rel=1e-9)
-    only_correct = sskd_loss(*batch, ratio_tf=0.0)[0]  # tf over the 3 teacher-correct rows, all agreeing
+    only_correct = sskd_loss(*batch, dataclasses.replace(sskd.Args(), ratio_tf=0.0))[
+        0
+    ]  # tf over the 3 teacher-correct rows, all agreeing
     assert only_correct["tf"].item() == pytest.approx(0.0, abs=1e-12)
-    weighted = sskd_loss(*batch, ce_weight=1.0, kd_weight=0.0, tf_weight=0.0, ss_weight=2.0)[0]
+    weighted = sskd_loss(
+        *batch, dataclasses.replace(sskd.Args(), ce_weight=1.0, kd_weight=0.0, tf_weight=0.0, ss_weight=2.0)
+    )[0]
     assert weighted["total"].item() == pytest.approx(weighted["ce"].item() + 2 * weighted["ss"].item(), rel=1e-9)
 
 
@@ -115,7 +121,9 @@ def test_sskd_loss_gradient_reaches_student_logits_and_similarities_only():
     student_logits.requires_grad_(True)
     student_similarity.requires_grad_(True)
     teacher_similarity.requires_grad_(True)  # even if the caller forgot no_grad, S_t is a fixed target
-    sskd_loss(student_logits, teacher_logits, student_similarity, teacher_similarity, labels)[0]["total"].backward()
+    sskd_loss(student_logits, teacher_logits, student_similarity, teacher_similarity, labels, sskd.Args())[0][
+        "total"
+    ].backward()
     assert student_logits.grad.abs().sum() > 0 and student_similarity.grad.abs().sum() > 0
     assert teacher_similarity.grad is None
     assert student_similarity.grad[2].abs().sum() == 0  # the dropped row does not teach
@@ -196,7 +204,7 @@ def test_similarity_matrix_compares_each_rotated_row_with_every_upright_row():
         assert similarity_matrix(random_rows).dtype == torch.float32
 
 
-# d of the pooled feature per backbone, and head size 2(d^2 + d) (specs/sskd.md section 10).
+# d of the pooled feature per backbone, and head size 2(d^2 + d) (docs/sskd.md).
 FEATURE_DIMS = {
     **{
         name: 64
@@ -318,7 +326,7 @@ def test_sskd_pipeline_shares_one_flip_and_crops_each_rotated_copy_separately():
 
 
 def test_gpu_pipeline_rotates_one_augmented_image():
-    images, _, _ = next(sskd.rotated_standard_batches(toy_data(), 6, torch.Generator().manual_seed(0)))
+    images, _, _ = next(sskd.sskd_batches(toy_data(), 6, torch.Generator().manual_seed(0), "gpu"))
     for i in range(6):
         for k in range(4):
             assert torch.equal(images[4 * i + k], torch.rot90(images[4 * i], k, dims=(1, 2)))
@@ -336,7 +344,7 @@ def test_head_stage_changes_only_the_head(cifar_dir, tmp_path):
     torch.manual_seed(0)
     initial_head = ProjectionHead(64).state_dict()
     torch.manual_seed(0)  # train_teacher_head builds its head first: the same initial weights
-    head, test_ss = sskd.train_teacher_head(teacher, data, args, sskd.sskd_batches, tmp_path / "head.jsonl")
+    head, test_ss = sskd.train_teacher_head(teacher, data, args, sskd.sskd_batches, tmp_path)
     after = teacher.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before), "teacher weights or BN stats changed"
     assert all(p.grad is None for p in teacher.parameters())

@@ -1,20 +1,19 @@
 """Layered Self-Supervised Knowledge Distillation (LSSKD) on CIFAR: teacher-free, on HSAKD's branches.
 
-Paper: T. Dahri, Z. A. Memon, Z. Yu, M. Y. I. Idris, S. Khan, S. Ahmad, M. Shoman, S. Aziz,
-R. Qureshi, "A Layered Self-Supervised Knowledge Distillation Framework for Efficient Multimodal
-Learning on the Edge", arXiv 2506.07055 (2025), https://arxiv.org/abs/2506.07055. No public code;
-only the abstract and secondary descriptions of the method were available, so most choices here are
-interpretations, each a flag marked [INTERP] in --help (spec: specs/lsskd.md, docs/lsskd.md).
+Paper: T. Dahri, Z. A. Memon, Z. Yu, M. Y. I. Idris, S. Khan, S. Ahmad, M. Shoman, S. Aziz, R. Qureshi, "A Layered
+Self-Supervised Knowledge Distillation Framework for Efficient Multimodal Learning on the Edge", arXiv 2506.07055
+(2025), https://arxiv.org/abs/2506.07055. No public code: most choices here are interpretations, each a flag marked
+[INTERP] in --help, the recipe included (HSAKD's); docs/lsskd.md gives each reading and its source.
 
-One network, no teacher. HSAKD's auxiliary classifiers (common.AuxiliaryModel) sit after the
-intermediate stages and predict the 4C-way (400-way on CIFAR-100) class x rotation label (4y + k) of all four rotations
-of every image, with gradients into the backbone. Every head learns from soft targets in the PS-KD
-manner: (1 - alpha_e) * onehot + alpha_e * (the same head's prediction for the same sample and
-rotation in the previous epoch), kept in per-head buffers addressed by dataset index. On top, the
-deepest auxiliary head teaches the shallower ones (KL, T = 3) and the shallow heads' pooled features
-are pulled towards the backbone's final feature (L2). Compared with kd.py: no teacher, the batch is
-4x larger (rotations), the network carries auxiliary branches, prediction buffers replace the
-teacher, the loss has four terms, and SGD uses Nesterov momentum (HSAKD's recipe).
+One network, no teacher. HSAKD's auxiliary classifiers (common.AuxiliaryModel) sit after the intermediate stages and
+predict the 4C-way class x rotation label (4y + k) of all four rotations of every image, with gradients into the
+backbone. Every head learns from PS-KD soft targets: (1 - alpha_e) * onehot + alpha_e * (the same head's prediction for
+the same sample and rotation in the previous epoch), kept in per-head buffers addressed by dataset index. On top, the
+deepest auxiliary head teaches the shallower ones (KL, T = 3) and the shallow heads' pooled features are pulled
+towards the backbone's final feature (L2). Compared with kd.py: no teacher, 4x the rows (rotations), auxiliary
+branches, prediction buffers instead of a teacher, four loss terms, and Nesterov momentum.
+
+Run: python lsskd.py --model resnet8x4
 """
 
 import time
@@ -29,47 +28,27 @@ import common
 
 @dataclass
 class Args:
+    # Run
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
     """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
-    model: str = "resnet8x4"
-    """zoo architecture trained with auxiliary classifiers (the spec's --arch) [INTERP]"""
-    epochs: int = 240
-    """number of training epochs (also the E of the alpha ramp) [INTERP: HSAKD recipe]"""
-    batch_size: int = 64
-    """training batch size in loader images (each step runs 4x as many rotated rows) [INTERP]"""
-    learning_rate: Optional[float] = None
-    """initial lr; unset means 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2 [INTERP]"""
-    lr_milestones: Tuple[int, ...] = (150, 180, 210)
-    """0-based epochs at which the lr is multiplied by --lr-gamma [INTERP]"""
-    lr_gamma: float = 0.1
-    """lr decay factor at each milestone [INTERP]"""
-    momentum: float = 0.9
-    """SGD momentum [INTERP]"""
-    nesterov: bool = True
-    """Nesterov momentum (HSAKD: on) [INTERP]"""
-    weight_decay: float = 5e-4
-    """SGD weight decay, on all parameters (backbone and branches) [INTERP]"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
-    resume: bool = False
-    """continue the run in <output-dir>/<run-name> from its last finished epoch (buffers included)"""
-    resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
     output_dir: str = "runs"
     """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
     run_name: Optional[str] = None
-    """run folder name; unset means lsskd_<model>_<dataset>_seed<seed>"""
-    device: Optional[str] = None
-    """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
-    constants on cifar100 (docs/<method>.md)"""
+    """run folder name; unset means <method>_<networks>_<dataset>_seed<seed>"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name> from its last finished epoch"""
+    resume_with_changes: bool = False
+    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -80,7 +59,30 @@ class Args:
     """also log to Weights & Biases (needs the wandb package)"""
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
-    # LSSKD (specs/lsskd.md sections 3 and 6)
+    # Recipe
+    model: str = "resnet8x4"
+    """zoo architecture trained with auxiliary classifiers [INTERP]"""
+    epochs: int = 240
+    """number of training epochs"""
+    batch_size: int = 64
+    """training batch size"""
+    learning_rate: Optional[float] = None
+    """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
+    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    """0-based epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = True
+    """Nesterov momentum"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on every trained parameter"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    # LSSKD
+    kd_T: float = 3.0
+    """softmax temperature T of the distillation KL"""
     mbv2_variant: Literal["repdistiller", "hsakd"] = "repdistiller"
     """MobileNetV2 means RepDistiller's (stride-2 stem), or HSAKD's stride-1 one [INTERP]"""
     alpha_T: float = 0.8
@@ -95,8 +97,6 @@ class Args:
     """rows the final classifier learns from: the upright images, or all 4 rotations [INTERP]"""
     sad_tau: float = 1.0
     """temperature of the auxiliary heads' soft-target CE and of their buffered predictions [INTERP]"""
-    kd_T: float = 3.0
-    """temperature of the deep-to-shallow KL (HSAKD's value) [INTERP]"""
     kl_teacher: Literal["deepest", "chain", "final"] = "deepest"
     """deep-to-shallow KL: the deepest auxiliary head teaches every shallower one, head l+1 teaches head l
     (chain), or the final classifier teaches every auxiliary head's class distribution (final) [INTERP]"""
@@ -168,10 +168,12 @@ def soft_cross_entropy(logits, targets, temperature=1.0):
     return -(targets * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
 
 
-def distill_kl(student_logits, teacher_logits, temperature):
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, mean over rows."""
-    log_student = F.log_softmax(student_logits / temperature, dim=1)
-    teacher_probs = F.softmax(teacher_logits / temperature, dim=1)
+def kd_loss(student_logits, teacher_logits, temperature):
+    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes
+    and averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it as sum / B).
+    The T^2 keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)  # [B, C]
+    teacher_probs = F.softmax(teacher_logits / temperature, dim=1)  # [B, C]
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
@@ -190,9 +192,9 @@ def deep_to_shallow_kl(aux_logits, temperature, teacher="deepest", final_logits=
     if teacher == "final":
         rows = slice(0, None, 4) if final_rows == "upright" else slice(None)
         target = final_logits.detach()
-        return sum(distill_kl(head_class_logits(head[rows]), target, temperature) for head in aux_logits)
+        return sum(kd_loss(head_class_logits(head[rows]), target, temperature) for head in aux_logits)
     teachers = [aux_logits[-1] if teacher == "deepest" else aux_logits[head + 1] for head in range(len(aux_logits) - 1)]
-    return sum(distill_kl(shallow, deep.detach(), temperature) for shallow, deep in zip(aux_logits, teachers))
+    return sum(kd_loss(shallow, deep.detach(), temperature) for shallow, deep in zip(aux_logits, teachers))
 
 
 def feature_alignment(aux_feats, final_feat, detach_target=True, include_last=False):
@@ -205,7 +207,7 @@ def feature_alignment(aux_feats, final_feat, detach_target=True, include_last=Fa
 
 
 def lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets, args):
-    """Spec section 3, per step on the 4B rotated rows (row 4b + k). logits [4B, C], aux_logits and
+    """The loss of docs/lsskd.md, per step on the 4B rotated rows (row 4b + k). logits [4B, C], aux_logits and
     aux_targets L x [4B, 4C], final_targets [R*B, C] for the upright rows (R = 1) or all rows (R = 4).
     Returns every term (unweighted) and the weighted total."""
     final_logits = logits[0::4] if args.final_rows == "upright" else logits
@@ -259,17 +261,13 @@ if __name__ == "__main__":
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.model)
     common.print_config(args, "lsskd")
-    print(
-        "LSSKD has no public code: flags marked [INTERP] in --help are this repository's reading of the "
-        "paper (docs/lsskd.md)",
-        flush=True,
-    )
-    # --- METHOD: the architecture, and map-level feature L2's shapes checked before any data or run folder ---
+    # --- METHOD: the architecture, and map-level feature L2's shapes, checked before any data or run folder ---
     arch = "MobileNetV2_hsakd" if args.model == "MobileNetV2" and args.mbv2_variant == "hsakd" else args.model
     if not common.auxiliary_supported(arch):
         common.build_auxiliary_model(arch, 10)  # raises the message that lists the supported backbones
     if args.feat_level == "map" and args.lambda_feat:
         check_feature_map_shapes(arch, 10, args.feat_include_last)  # the class count does not change a map
+    print("LSSKD has no public code: [INTERP] flags are this repository's reading (docs/lsskd.md)", flush=True)
     # --- END METHOD ---
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
@@ -277,12 +275,14 @@ if __name__ == "__main__":
     run_dir = common.prepare_run_dir(args, f"lsskd_{args.model}_{args.dataset}_seed{args.seed}")
 
     # --- METHOD: one network with HSAKD's auxiliary classifiers, and the previous-epoch prediction buffers ---
-    model = common.prepare_model(common.build_auxiliary_model(arch, data.num_classes), device, args.amp)
-    num_train, num_classes, num_heads = len(data.train_labels), data.num_classes, model.num_branches
+    model_with_branches = common.prepare_model(common.build_auxiliary_model(arch, data.num_classes), device, args.amp)
+    # The backbone is the model that is evaluated, checkpointed and reported, as in pskd.py. The branches are
+    # trained with it and stay in train mode throughout (evaluation switches only the backbone to eval mode).
+    model = model_with_branches.backbone
+    num_train, num_classes, num_heads = len(data.train_labels), data.num_classes, model_with_branches.num_branches
     final_slots = 1 if args.final_rows == "upright" else 4
-    buffer_options = dict(
-        dtype=BUFFER_DTYPES[args.buffer_dtype], device=torch.device("cpu") if args.buffer_device == "cpu" else device
-    )
+    buffer_device = torch.device("cpu") if args.buffer_device == "cpu" else device
+    buffer_options = dict(dtype=BUFFER_DTYPES[args.buffer_dtype], device=buffer_device)
     final_buffer = (
         torch.zeros(num_train, final_slots, num_classes, **buffer_options) if args.final_soft_targets else None
     )
@@ -291,35 +291,36 @@ if __name__ == "__main__":
     )
     megabytes = sum(b.numel() * b.element_size() for b in (final_buffer, aux_buffer) if b is not None) / 2**20
     print(
-        f"{model.arch}: {num_heads} auxiliary heads; prediction buffers {megabytes:.0f} MB "
-        f"({args.buffer_dtype}, {buffer_options['device']})",
+        f"{arch}: {num_heads} auxiliary heads; prediction buffers {megabytes:.0f} MB ({args.buffer_dtype}, "
+        f"{buffer_device})",
         flush=True,
     )
-    # --- END METHOD ---
     base_lr = common.default_lr(arch, args.learning_rate)
-    optimizer = common.make_sgd(model.parameters(), base_lr, args)  # backbone and branches
-    start_epoch, best, checkpoint = common.resume_state(run_dir, model.backbone, optimizer, args.resume, args)
+    optimizer = common.make_sgd(model_with_branches.parameters(), base_lr, args)  # backbone and branches
+    # --- END METHOD ---
+    start_epoch, best, checkpoint = common.resume_state(run_dir, model, optimizer, args.resume, args)
+    # --- METHOD: the branches and the buffers are part of the training state ---
     if checkpoint:
-        model.auxiliary_classifier.load_state_dict(checkpoint["auxiliary_classifier"])
+        model_with_branches.auxiliary_classifier.load_state_dict(checkpoint["auxiliary_classifier"])
         for key, buffer in (("final_predictions", final_buffer), ("aux_predictions", aux_buffer)):
             if buffer is not None:
                 restore_buffer(buffer, checkpoint, key, run_dir / "last.pth")
+    # --- END METHOD ---
     logger = common.Logger(run_dir, args, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
         lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
+        # --- METHOD: one alpha for every batch of the epoch ---
         alpha = lsskd_alpha(epoch, args.epochs, args.alpha_T, args.alpha_schedule)
+        # --- END METHOD ---
         model.train()
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
         for images, labels, sample_ids in common.train_batches(
             data, args.batch_size, common.epoch_generator(args.seed, epoch)
         ):
             # --- METHOD: 4 rotations after crop+flip (row 4b+k); targets from last epoch's predictions ---
-            rotated, joint_labels = (
-                common.rotations(images),
-                common.rotation_joint_labels(labels),
-            )  # [4B, 3, 32, 32], [4B]
+            rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)  # [4B, ...], [4B]
             batch = len(labels)
             final_labels = labels[:, None].expand(batch, final_slots)  # [B, R]: the class, for every used row
             aux_labels = joint_labels.view(batch, 1, 4).expand(batch, num_heads, 4)  # [B, L, 4]: 4y + k per head
@@ -333,14 +334,12 @@ if __name__ == "__main__":
                 aux_targets = F.one_hot(aux_labels, 4 * num_classes).float()
             aux_targets = per_head_rows(aux_targets)  # L x [4B, 4C]
             with common.autocast(device, args.amp):
-                feats, aux_feats, aux_logits, logits = model(
-                    rotated, is_feat=True, feature_maps=args.feat_level == "map"
-                )
+                outputs = model_with_branches(rotated, is_feat=True, feature_maps=args.feat_level == "map")
+            feats, aux_feats, aux_logits, logits = outputs
             aux_logits, aux_feats = [head.float() for head in aux_logits], [feat.float() for feat in aux_feats]
             logits, final_feat = logits.float(), (feats[-2] if args.feat_level == "map" else feats[-1]).float()
-            losses = lsskd_loss(
-                logits, aux_logits, aux_feats, final_feat, final_targets.flatten(0, 1), aux_targets, args
-            )
+            final_targets = final_targets.flatten(0, 1)
+            losses = lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets, args)
             loss, upright_logits = losses.pop("total"), logits[0::4]
             for name, value in losses.items():
                 meter.add(f"loss/{name}", value, batch)
@@ -349,8 +348,8 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # --- METHOD: after the step, this iteration's predictions (pre-update weights, train mode, this
-            # epoch's augmentation) become the samples' rows: PS-KD's timing, for every head ---
+            # --- METHOD: this iteration's predictions become the samples' rows, for every head ---
+            # After the step, PS-KD's timing: pre-update weights, train mode, this epoch's augmentation.
             if args.final_soft_targets:
                 final_logits = upright_logits if args.final_rows == "upright" else logits
                 record_predictions(final_buffer, sample_ids, final_logits.view(batch, final_slots, num_classes))
@@ -364,38 +363,27 @@ if __name__ == "__main__":
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir)
         images_per_s = images_seen / (time.time() - epoch_start)
-        result = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)  # branches unused
+        result = common.evaluate(model, data, args.eval_batch_size, args.amp)
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
-            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model.backbone, epoch + 1, result, args))
-        metrics.update(
-            {
-                "lr": lr,
-                "test/top1": result["top1"],
-                "test/top5": result["top5"],
-                "test/best_top1": best["top1"],
-                "speed/images_per_s": images_per_s,
-            }
-        )
-        metrics["lsskd/alpha"] = alpha  # --- METHOD: logged every epoch (checklist 4) ---
+            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
+        metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        # --- METHOD: the alpha of the epoch ---
+        metrics["lsskd/alpha"] = alpha
+        # --- END METHOD ---
         logger.log(epoch, metrics)
-        common.save_checkpoint(
-            run_dir / "last.pth",
-            common.training_state(
-                model.backbone,
-                optimizer,
-                epoch + 1,
-                best,
-                args,
-                auxiliary_classifier=model.auxiliary_classifier.state_dict(),
-                final_predictions=final_buffer,
-                aux_predictions=aux_buffer,
-            ),
-        )
+        state = common.training_state(model, optimizer, epoch + 1, best, args)
+        # --- METHOD: the branches and the buffers are part of the training state ---
+        state["auxiliary_classifier"] = model_with_branches.auxiliary_classifier.state_dict()
+        state.update(final_predictions=final_buffer, aux_predictions=aux_buffer)
+        # --- END METHOD ---
+        common.save_checkpoint(run_dir / "last.pth", state)
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
-    last = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
-    heads = common.auxiliary_accuracy(model, data, args.eval_batch_size, args.amp)  # diagnostic only
-    common.write_summary(
-        run_dir, args, best, last, "lsskd", arch=arch, aux_ss_top1=heads["ss_top1"], aux_class_top1=heads["class_top1"]
-    )
+    last = common.evaluate(model, data, args.eval_batch_size, args.amp)
+    # --- METHOD: the heads' diagnostics (not used in training), recorded in summary.json ---
+    heads = common.auxiliary_accuracy(model_with_branches, data, args.eval_batch_size, args.amp)
+    summary = {"arch": arch, "aux_ss_top1": heads["ss_top1"], "aux_class_top1": heads["class_top1"]}
+    # --- END METHOD ---
+    common.write_summary(run_dir, args, best, last, "lsskd", **summary)

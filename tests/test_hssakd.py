@@ -1,5 +1,5 @@
 """hssakd.py and common's auxiliary classifiers: golden loss values, the rotation/joint-label layout,
-the branch architectures against the spec's reference maps, the frozen teacher, and end-to-end runs."""
+the branch architectures against the reference maps of zoo_state_dicts.json, the frozen teacher, and end-to-end runs."""
 
 import dataclasses
 import json
@@ -12,9 +12,9 @@ import torch.nn as nn
 from conftest import ZOO_REFERENCE, run_script
 
 import common
-from hssakd import Args, check_pair, distill_kl, stage1_cache_path, student_loss, teacher_loss
+from hssakd import Args, check_pair, kd_loss, stage1_cache_path, student_loss, teacher_loss
 
-# zoo name -> reference entry of zoo_state_dicts.json (hssakd.md section 4 table)
+# zoo name -> reference entry of zoo_state_dicts.json
 AUX_REFERENCE = {
     "resnet20": "resnet20_aux",
     "resnet56": "resnet56_aux",
@@ -33,7 +33,7 @@ AUX_REFERENCE = {
     "resnet32": "resnet32_aux",
 }
 
-# hssakd.md section 4, "auxiliary (per branch 1 ... L)" column
+# parameters per auxiliary branch 1 ... L of the official models
 BRANCH_PARAMS = {
     "resnet20": [283_344, 231_696, 247_952],
     "resnet56": [838_608, 675_600, 691_856],
@@ -79,7 +79,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# ---- rotation layout and joint labels (hssakd.md section 2, checklist 1) ----
+# ---- rotation layout and joint labels ----
 
 
 def test_rotated_rows_are_sample_major_and_joint_labels_are_4y_plus_k():
@@ -160,12 +160,12 @@ def test_student_loss_weights_and_aux_ce_ablation():
     assert weighted["total"].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_distill_kl_is_summed_kl_over_rows_times_t_squared():
+def test_kd_loss_is_summed_kl_over_rows_times_t_squared():
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 12, 400, generator=generator) * 3
     p = torch.softmax(teacher / 3, dim=1)
     summed = (p * (p.log() - torch.log_softmax(student / 3, dim=1))).sum()
-    assert distill_kl(student, teacher, 3.0).item() == pytest.approx((summed / 12 * 9).item(), rel=1e-5)
+    assert kd_loss(student, teacher, 3.0).item() == pytest.approx((summed / 12 * 9).item(), rel=1e-5)
 
 
 def test_auxiliary_kl_gradient_reaches_the_student_backbone():
@@ -188,7 +188,7 @@ def test_auxiliary_kl_gradient_reaches_the_student_backbone():
     assert student.auxiliary_classifier.fc1.weight.grad.abs().sum() > 0
 
 
-# ---- auxiliary classifiers (hssakd.md section 4, checklist 2, 3, 13) ----
+# ---- auxiliary classifiers ----
 
 
 @pytest.mark.parametrize("name", AUX_REFERENCE)
@@ -197,7 +197,7 @@ def test_auxiliary_model_parameters_and_keys_equal_hsakd_reference(name):
     model = meta_aux(name)
     assert sum(p.numel() for p in model.parameters()) == reference["params"]
     ours = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
-    if name.startswith("MobileNetV2"):  # our classifier keeps RepDistiller's classifier.0.* (zoo.md 4.1)
+    if name.startswith("MobileNetV2"):  # our classifier keeps RepDistiller's classifier.0.*
         ours = {key.replace("backbone.classifier.0.", "backbone.classifier."): shape for key, shape in ours.items()}
     assert ours == reference["state_dict"]
 

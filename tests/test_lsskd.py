@@ -18,9 +18,9 @@ from lsskd import (
     Args,
     check_feature_map_shapes,
     deep_to_shallow_kl,
-    distill_kl,
     feature_alignment,
     head_class_logits,
+    kd_loss,
     lsskd_alpha,
     lsskd_loss,
     per_head_rows,
@@ -138,10 +138,10 @@ def test_soft_cross_entropy_golden_values():
     )
 
 
-def test_distill_kl_golden_value_with_t_squared():
+def test_kd_loss_golden_value_with_t_squared():
     teacher, student = torch.tensor([[0.0, 3 * math.log(3.0)]]), torch.zeros(1, 2)
     expected = 9 * kl_by_hand([0.25, 0.75], [0.5, 0.5])  # at T = 3 the teacher softmax is [1/4, 3/4]
-    assert distill_kl(student, teacher, 3.0).item() == pytest.approx(expected)
+    assert kd_loss(student, teacher, 3.0).item() == pytest.approx(expected)
 
 
 def test_deep_to_shallow_kl_deepest_and_chain_golden_values():
@@ -170,7 +170,7 @@ def test_deep_to_shallow_kl_never_trains_the_teacher_head():
     heads = [torch.randn(8, 16, requires_grad=True) for _ in range(3)]
     deep_to_shallow_kl(heads, 3.0, "chain").backward()
     alone = heads[1].detach().clone().requires_grad_()
-    distill_kl(alone, heads[2].detach(), 3.0).backward()
+    kd_loss(alone, heads[2].detach(), 3.0).backward()
     torch.testing.assert_close(heads[1].grad, alone.grad)
     assert heads[2].grad is None
 
@@ -303,7 +303,7 @@ def test_switched_off_terms_add_nothing_even_when_not_finite():
 
 
 def test_hard_targets_without_kl_and_l2_are_hsakds_joint_teacher_loss():
-    # spec section 4: --lambda-kl 0 --lambda-feat 0 --aux/final-soft-targets false = HSAKD's Teacher* loss
+    # the sanity floor: --lambda-kl 0 --lambda-feat 0 --aux/final-soft-targets false = HSAKD's Teacher* loss
     logits, aux_logits, aux_feats, final_feat, labels, _, _ = small_batch()
     logits.requires_grad_()
     joint = common.rotation_joint_labels(labels)
@@ -508,7 +508,7 @@ def test_buffers_hold_this_iterations_train_mode_predictions_before_the_update(t
 
 
 def test_everything_switched_off_trains_exactly_like_hsakds_joint_teacher(tmp_path, cifar_dir):
-    # spec section 4: the same file runs HSAKD's Teacher* training; compare with hssakd.py's stage 1
+    # the sanity floor: the same file runs HSAKD's Teacher* training; compare with hssakd.py's stage 1
     common_flags = ["--dataset", "cifar100", "--data-dir", cifar_dir, "--train-subset", "64", "--batch-size", "32"]
     ours = run_script(
         "lsskd.py",

@@ -1,11 +1,12 @@
 """Plain cross-entropy training of one CIFAR network: the student baseline and the teacher trainer.
 
-Recipe: HobbitLong/RepDistiller `train_teacher.py` (specs/README.md section 7): SGD with momentum
-0.9, weight decay 5e-4, batch 64, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2), x0.1 at
-epochs 150, 180 and 210, 240 epochs. There is no teacher and no extra term: the network minimises
-the cross-entropy of its logits with the hard labels. Every "Student" row of the KD tables comes
-from this recipe, and the distillation files call this script to train a teacher they cannot find,
-so baselines and teachers share one code path. `--eval-checkpoint FILE` evaluates any saved model.
+Recipe: HobbitLong/RepDistiller `train_teacher.py` (docs/kd.md): SGD with momentum 0.9, weight decay 5e-4, batch 64,
+lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2), x0.1 at epochs 150, 180 and 210, 240 epochs. There is no teacher
+and no extra term: the network minimises the cross-entropy of its logits with the hard labels. Every "Student" row of
+the KD tables comes from this recipe, and the distillation files call this script to train a teacher they cannot
+find, so baselines and teachers share one code path. `--eval-checkpoint FILE` evaluates any saved model.
+
+Run: python baseline.py --model resnet20
 """
 
 import time
@@ -20,47 +21,27 @@ import common
 
 @dataclass
 class Args:
+    # Run
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
     """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
-    model: str = "resnet20"
-    """zoo architecture to train (see common.MODEL_NAMES)"""
-    epochs: int = 240
-    """number of training epochs"""
-    batch_size: int = 64
-    """training batch size"""
-    learning_rate: Optional[float] = None
-    """initial lr; unset means 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2"""
-    lr_milestones: Tuple[int, ...] = (150, 180, 210)
-    """0-based epochs at which the lr is multiplied by --lr-gamma"""
-    lr_gamma: float = 0.1
-    """lr decay factor at each milestone"""
-    momentum: float = 0.9
-    """SGD momentum"""
-    nesterov: bool = False
-    """Nesterov momentum (RepDistiller: off; HSAKD's baseline script: on)"""
-    weight_decay: float = 5e-4
-    """SGD weight decay, on all parameters"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means <method>_<networks>_<dataset>_seed<seed>"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
     """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
-    output_dir: str = "runs"
-    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
-    run_name: Optional[str] = None
-    """run folder name; unset means baseline_<model>_<dataset>_seed<seed>"""
-    device: Optional[str] = None
-    """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
-    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -71,14 +52,36 @@ class Args:
     """also log to Weights & Biases (needs the wandb package)"""
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
-    eval_checkpoint: Optional[str] = None
-    """evaluate this checkpoint (any supported format) on the test set and exit"""
+    # Recipe
+    model: str = "resnet20"
+    """zoo architecture to train (see common.MODEL_NAMES)"""
+    epochs: int = 240
+    """number of training epochs"""
+    batch_size: int = 64
+    """training batch size"""
+    learning_rate: Optional[float] = None
+    """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
+    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    """0-based epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = False
+    """Nesterov momentum"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on every trained parameter"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
     # Teacher
     checkpoint_dir: str = "checkpoints"
-    """where trained teachers are cached"""
+    """where trained teachers and teacher stages are cached"""
     cache_as_teacher: bool = False
     """after training, also save the last-epoch weights where kd.py, sskd.py and hssakd.py look for this
     teacher (<checkpoint-dir>/<dataset>/<model>...pth, named for --epochs, --train-subset, --normalize)"""
+    # Baseline
+    eval_checkpoint: Optional[str] = None
+    """evaluate this checkpoint (any supported format) on the test set and exit"""
 
 
 if __name__ == "__main__":
@@ -129,17 +132,11 @@ if __name__ == "__main__":
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
-        metrics.update(
-            {
-                "lr": lr,
-                "test/top1": result["top1"],
-                "test/top5": result["top5"],
-                "test/best_top1": best["top1"],
-                "speed/images_per_s": images_per_s,
-            }
-        )
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
+        metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         logger.log(epoch, metrics)
-        common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args))
+        state = common.training_state(model, optimizer, epoch + 1, best, args)
+        common.save_checkpoint(run_dir / "last.pth", state)
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(model, data, args.eval_batch_size, args.amp)

@@ -1,15 +1,16 @@
 """Hinton knowledge distillation (KD) with the RepDistiller CIFAR recipe.
 
-Paper: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014
-Deep Learning Workshop, https://arxiv.org/abs/1503.02531. Reference code: HobbitLong/RepDistiller
-`train_student.py --distill kd -r 0.1 -a 0.9 -b 0` (spec: specs/kd.md).
+Paper: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning
+Workshop, https://arxiv.org/abs/1503.02531. Reference code: HobbitLong/RepDistiller `train_student.py --distill kd
+-r 0.1 -a 0.9 -b 0` (docs/kd.md).
 
-A frozen teacher, trained beforehand with plain cross-entropy (baseline.py), looks at the same
-augmented batch as the student. The student learns from two targets at once: the hard label
-(cross-entropy, weight 0.1) and the teacher's whole class distribution softened by a temperature
-T = 4 (KL divergence, weight 0.9, scaled by T^2 so its gradient keeps the size of the CE's as T
-grows). Compared with baseline.py, the only changes are the teacher (loaded, or trained and cached
-when missing, and evaluated before the first student step) and the `kd_loss` term.
+A frozen teacher, trained beforehand with plain cross-entropy (baseline.py), looks at the same augmented batch as the
+student. The student learns from two targets at once: the hard label (cross-entropy, weight 0.1) and the teacher's
+class distribution softened by a temperature T = 4 (KL divergence, weight 0.9, times T^2 so that its gradient keeps
+the size of the CE's as T grows). Compared with baseline.py, the only changes are the teacher (loaded, or trained and
+cached when missing, and evaluated before the first student step) and the `kd_loss` term.
+
+Run: python kd.py --teacher resnet32x4 --student resnet8x4
 """
 
 import time
@@ -24,49 +25,27 @@ import common
 
 @dataclass
 class Args:
+    # Run
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
     """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
-    teacher: str = "resnet32x4"
-    """zoo architecture of the teacher"""
-    student: str = "resnet8x4"
-    """zoo architecture of the student"""
-    epochs: int = 240
-    """number of training epochs"""
-    batch_size: int = 64
-    """training batch size"""
-    learning_rate: Optional[float] = None
-    """initial lr; unset means 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2"""
-    lr_milestones: Tuple[int, ...] = (150, 180, 210)
-    """0-based epochs at which the lr is multiplied by --lr-gamma"""
-    lr_gamma: float = 0.1
-    """lr decay factor at each milestone"""
-    momentum: float = 0.9
-    """SGD momentum"""
-    nesterov: bool = False
-    """Nesterov momentum (RepDistiller: off; HSAKD's baseline script: on)"""
-    weight_decay: float = 5e-4
-    """SGD weight decay, on all parameters"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; unset means cuda when available"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
+    output_dir: str = "runs"
+    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
+    run_name: Optional[str] = None
+    """run folder name; unset means <method>_<networks>_<dataset>_seed<seed>"""
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
     """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
-    output_dir: str = "runs"
-    """parent folder of the run folder (metrics.jsonl, last.pth, best.pth, summary.json)"""
-    run_name: Optional[str] = None
-    """run folder name; unset means kd_<teacher>_<student>_<dataset>_seed<seed>"""
-    device: Optional[str] = None
-    """cpu, cuda or cuda:N; unset means cuda when available"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's statistics on cifar10 and the method's recipe
-    constants on cifar100 (docs/<method>.md)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -77,12 +56,34 @@ class Args:
     """also log to Weights & Biases (needs the wandb package)"""
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
+    # Recipe
+    student: str = "resnet8x4"
+    """zoo architecture of the student"""
+    epochs: int = 240
+    """number of training epochs"""
+    batch_size: int = 64
+    """training batch size"""
+    learning_rate: Optional[float] = None
+    """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
+    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    """0-based epochs at which the lr is multiplied by --lr-gamma"""
+    lr_gamma: float = 0.1
+    """lr decay factor at each milestone"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = False
+    """Nesterov momentum"""
+    weight_decay: float = 5e-4
+    """SGD weight decay, on every trained parameter"""
+    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
+    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
     # Teacher
+    teacher: str = "resnet32x4"
+    """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
-    """teacher checkpoint (ours, RepDistiller/mdistiller, SSKD, HSAKD, PS-KD formats); unset means
-    <checkpoint-dir>/<dataset>/<teacher>.pth, trained with baseline.py first when missing"""
+    """teacher checkpoint (formats: README.md); unset means the cached one, trained with baseline.py when missing"""
     checkpoint_dir: str = "checkpoints"
-    """where trained teachers are cached"""
+    """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240
     """epochs of baseline.py training when the teacher has to be trained"""
     teacher_expected_acc: Optional[float] = None
@@ -91,13 +92,13 @@ class Args:
     """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
     allow_teacher_normalize_mismatch: bool = False
     """use a teacher whose recorded --normalize differs from this run's (warn instead of refusing)"""
-    # KD (specs/kd.md section 1)
+    # KD
     kd_T: float = 4.0
-    """softmax temperature T of the KD term"""
+    """softmax temperature T of the distillation KL"""
     ce_weight: float = 0.1
-    """weight gamma of the cross-entropy with the labels"""
+    """weight of the cross-entropy with the labels"""
     kd_weight: float = 0.9
-    """weight alpha of the KD term"""
+    """weight of the KD term"""
 
 
 def kd_loss(student_logits, teacher_logits, temperature):
@@ -159,18 +160,15 @@ if __name__ == "__main__":
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(student, epoch + 1, result, args))
-        metrics.update(
-            {
-                "lr": lr,
-                "test/top1": result["top1"],
-                "test/top5": result["top5"],
-                "test/best_top1": best["top1"],
-                "speed/images_per_s": images_per_s,
-            }
-        )
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
+        metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         logger.log(epoch, metrics)
-        common.save_checkpoint(run_dir / "last.pth", common.training_state(student, optimizer, epoch + 1, best, args))
+        state = common.training_state(student, optimizer, epoch + 1, best, args)
+        common.save_checkpoint(run_dir / "last.pth", state)
         common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
 
     last = common.evaluate(student, data, args.eval_batch_size, args.amp)
-    common.write_summary(run_dir, args, best, last, "kd", teacher_top1=teacher_result["top1"])
+    # --- METHOD: the teacher's accuracy, recorded in summary.json ---
+    summary = {"teacher_top1": teacher_result["top1"]}
+    # --- END METHOD ---
+    common.write_summary(run_dir, args, best, last, "kd", **summary)

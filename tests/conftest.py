@@ -41,6 +41,6 @@ def run_script(script, *args, cwd, env=None):
     )
 
 
-# The spec's zoo_state_dicts.json: name -> {"params": count, "state_dict": {key: shape}} for 100
-# classes, including the extra backbones and the HSAKD auxiliary models (zoo.md section 4).
+# zoo_state_dicts.json: name -> {"params": count, "state_dict": {key: shape}} for 100
+# classes, including the extra backbones and the HSAKD auxiliary models.
 ZOO_REFERENCE = json.loads((Path(__file__).parent / "zoo_state_dicts.json").read_text())

@@ -1,4 +1,4 @@
-"""Backbone zoo: RepDistiller checkpoint compatibility, feature shapes and init (specs zoo.md section 5)."""
+"""Backbone zoo: RepDistiller checkpoint compatibility, feature shapes and init ."""
 
 import functools
 import json
@@ -10,13 +10,13 @@ import torch
 
 import common
 
-# The spec's zoo_state_dicts.json (name -> {"params", "state_dict": {key: shape}}), shipped so the test
+# zoo_state_dicts.json (name -> {"params", "state_dict": {key: shape}}), shipped so the test
 # runs from a clone. Its first 22 entries are RepDistiller@b84f547; the extra backbones and HSAKD
 # auxiliary models after them are tested in the test file of the method that needs them.
 REFERENCE = json.loads((Path(__file__).parent / "zoo_state_dicts.json").read_text())
 REPDISTILLER_NAMES = tuple(REFERENCE)[:22]
 
-# zoo.md section 2, "feats (is_feat)" column for a 32x32 input: C@H is [N, C, H, H], C alone is [N, C].
+# feats (is_feat=True) of the official models for a 32x32 input: C@H is [N, C, H, H], C alone is [N, C].
 EXPECTED_FEATS = {
     "resnet8": "16@32, 16@32, 32@16, 64@8, 64",
     "resnet14": "16@32, 16@32, 32@16, 64@8, 64",
@@ -105,7 +105,7 @@ def test_channels_last_and_bf16_autocast_forward(name):
 
 @pytest.mark.parametrize("name", ["resnet8", "resnet56", "resnet32x4", "ResNet50"])
 def test_resnet_convs_are_kaiming_normal_fan_out(name):
-    # zoo.md 3.1/3.2: std = sqrt(2 / fan_out), fan_out = out_channels * k * k.
+    # RepDistiller's resnet.py/resnetv2.py: std = sqrt(2 / fan_out), fan_out = out_channels * k * k.
     for key, weight in model_100(name).state_dict().items():
         if weight.dim() == 4 and weight.numel() >= 2048:  # enough samples for a 10% std check
             expected_std = math.sqrt(2.0 / (weight.shape[0] * weight.shape[2] * weight.shape[3]))
@@ -162,7 +162,7 @@ def test_channel_shuffle_interleaves_groups():
 
 
 def test_wrn_identity_path_takes_the_raw_input():
-    # zoo.md 3.3: with in == out the block returns residual + x, not residual + ReLU(BN(x)).
+    # RepDistiller's wrn.py: with in == out the block returns residual + x, not residual + ReLU(BN(x)).
     # Zeroing conv2 removes the residual, so the block must return its input unchanged.
     block = common.build_model("wrn_16_1", 100).block1.layer[0]  # 16 -> 16, no convShortcut
     torch.nn.init.zeros_(block.conv2.weight)

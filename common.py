@@ -3,6 +3,8 @@ utilities and run bookkeeping. No loss and no method logic lives here: a reader 
 in this file; nobody needs to read it to understand a method.
 
 Sections: DATA | BACKBONES | TRAINING UTILITIES | RUN BOOKKEEPING
+
+Not run by itself: every method file imports it (python kd.py, python sskd.py, ...).
 """
 
 import argparse

@@ -1,4 +1,7 @@
-"""Collect what benchmarks/gpu_check.sh wrote into OUT/summary.json and OUT/summary.md."""
+"""Collect what benchmarks/gpu_check.sh wrote into OUT/summary.json and OUT/summary.md.
+
+Run: python benchmarks/gpu_check_summary.py gpu_check (benchmarks/gpu_check.sh runs it)
+"""
 
 import json
 import sys

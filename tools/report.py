@@ -11,6 +11,8 @@ in anything else are never averaged together. The primary number is the last-epo
 top-1 (chosen on the test set) is reported beside it. Std is the sample standard deviation (n - 1), "—" for
 a single seed. A run folder without summary.json is listed as unfinished and never averaged. Teacher-stage
 folders (runs/teacher_*) are not configurations and are skipped.
+
+Run: python tools/report.py runs --plots figures
 """
 
 import argparse

@@ -14,6 +14,8 @@ skipped; one with a last.pth is continued with --resume; a failed run is reporte
 teacher, SSKD's teacher head, HSAKD's stage 1) are trained once: the method scripts lock each cache file,
 so concurrent runs wait for the first one instead of training it again. On the CPU the cores are divided
 between concurrent runs (torch threads per run), never oversubscribed.
+
+Run: python tools/sweep.py --preset cpu-demo --jobs-per-device 2 -- --data-dir DIR
 """
 
 import argparse

@@ -236,7 +236,7 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
         ):
             rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)
             with common.autocast(device, args.amp):
-                # Branch l [4B, 4C] runs on stage l's output, detached in frozen mode (HSAKD's grad=False); logits [4B, C].
+                # Branch l [4B, 4C] runs on stage l's output, detached in frozen mode (HSAKD's grad=False).
                 aux_logits, logits = model(rotated, detach_stages=frozen)
             losses = teacher_loss(logits.float(), [branch.float() for branch in aux_logits], labels, joint_labels)
             optimizer.zero_grad(set_to_none=True)

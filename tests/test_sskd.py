@@ -385,7 +385,10 @@ def test_sskd_runs_all_three_stages_reuses_the_cached_head_and_resumes_exactly(t
     assert out.index("teacher resnet8 from") < out.index("head epoch 1/1") < out.index("epoch 1/2")
     [head_file] = (tmp_path / "checkpoints" / "cifar10").glob("resnet8_e1_n96_sskd_head_e1_*.pth")
     assert torch.load(head_file, weights_only=False)["feat_dim"] == 64
-    assert len(read_metrics(tmp_path / "runs" / "straight" / "head_metrics.jsonl")) == 1
+    [head_row] = read_metrics(tmp_path / "runs" / "straight" / "head_metrics.jsonl")
+    assert head_row["epoch"] == 1 and {"loss/head", "train/ss_top1", "test/ss_top1"} <= set(head_row)
+    head_line = next(line for line in out.splitlines() if line.startswith("head epoch 1/1"))
+    assert "loss/head" in head_line and "test/ss_top1" in head_line and "img/s" in head_line  # the common line
 
     stopped = run_script("sskd.py", *flags, "--epochs", "1", "--run-name", "resumed", cwd=tmp_path)
     resumed = run_script(

@@ -1384,15 +1384,16 @@ def _unwritable(folder):
     return None
 
 
-def check_architectures(*names, valid=None):
+def check_architectures(*names, valid=None, kind=None):
     """Unknown architecture names stop the run before any data, teacher or run folder (a typo in
-    --student must not cost a teacher's training first)."""
+    --student must not cost a teacher's training first). `kind` names a narrower family (CSS's networks)."""
     valid = valid or MODEL_NAMES
     for name in names:
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"unknown architecture {name!r}{hint}; choose one of: {', '.join(valid)}")
+            problem = f"{name!r} is not a {kind}" if kind else f"unknown architecture {name!r}"
+            raise ConfigError(f"{problem}{hint}; choose one of: {', '.join(valid)}")
 
 
 def _friendly_excepthook(kind, error, trace):

@@ -166,7 +166,7 @@ CSS_RESNETS["css_wide_resnet20_8"] = (2, CssWideBottleneck)
 
 def build_css_resnet(name, num_classes, branches=3):
     """A CSS multi-branch network by name, with any number of branches."""
-    common.check_architectures(name, valid=tuple(CSS_RESNETS))  # the zoo's resnet56/110 are single-branch networks
+    common.check_architectures(name, valid=tuple(CSS_RESNETS), kind="CSS multi-branch network")
     model = CssMultiBranchResNet(CSS_RESNETS[name][0], num_classes, branches, CSS_RESNETS[name][1])
     model.arch, model.num_classes = name, num_classes
     return model
@@ -291,7 +291,7 @@ def evaluate_css(net_t, net_s, masks, data, args):
 if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
-    common.check_architectures(args.model_t, args.model_s, valid=tuple(CSS_RESNETS))
+    common.check_architectures(args.model_t, args.model_s, valid=tuple(CSS_RESNETS), kind="CSS multi-branch network")
     # --- METHOD: CSS's own arguments, checked before any data or run folder ---
     if args.branches < 1 or args.warmup_epochs < 0:
         raise common.ConfigError("--branches must be at least 1 and --warmup-epochs at least 0")

@@ -203,7 +203,7 @@ def test_auxiliary_model_parameters_and_keys_equal_hsakd_reference(name):
 
 
 @pytest.mark.parametrize("name", BRANCH_PARAMS)
-def test_each_branch_has_the_spec_parameter_count(name):
+def test_each_branch_has_the_official_parameter_count(name):
     classifier = meta_aux(name).auxiliary_classifier
     counts = [
         sum(
@@ -219,7 +219,7 @@ def test_each_branch_has_the_spec_parameter_count(name):
 @pytest.mark.parametrize(
     "name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "MobileNetV2_hsakd", "ShuffleV1", "ShuffleV2", "ResNet50"]
 )
-def test_branches_take_the_spec_inputs_and_end_at_the_last_stage_resolution(name):
+def test_branches_take_the_official_inputs_and_end_at_the_last_stage_resolution(name):
     model = meta_aux(name)
     feats, _ = model.backbone(torch.empty(2, 3, 32, 32, device="meta"), is_feat=True)
     last_stage_size = feats[-2].shape[-1]  # the deepest branch runs at stride 1, so all end here

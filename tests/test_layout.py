@@ -155,7 +155,7 @@ def test_test_batches_walk_the_test_set_in_order(cifar_dir):
     assert torch.equal(torch.cat([images for images, _ in batches]), data.normalize(data.test_images))
 
 
-FOREIGN_FOLDER = "spec" + "s/"  # the team's design notes live outside the repository; written so it is not cited here
+FOREIGN_FOLDER = "spec" + "s/"  # a folder the repository does not have, spelled so that this line does not cite it
 
 
 def test_the_repository_cites_no_folder_it_does_not_have():

@@ -243,7 +243,7 @@ HEAD_PARAMETERS = {
 
 
 @pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
-def test_projection_head_fits_every_zoo_backbone_with_the_spec_size(name):
+def test_projection_head_fits_every_zoo_backbone_with_the_official_size(name):
     model = common.build_model(name, 100).eval()
     head = ProjectionHead(model.feat_dim)
     assert model.feat_dim == FEATURE_DIMS[name]

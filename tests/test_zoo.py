@@ -78,7 +78,7 @@ def test_parameter_count_equals_reference(name):
 
 
 @pytest.mark.parametrize("name", REPDISTILLER_NAMES)
-def test_is_feat_shapes_match_spec_table_and_feat_dim(name):
+def test_is_feat_shapes_match_the_official_models_and_feat_dim(name):
     model = model_100(name)
     with torch.no_grad():
         feats, logits = model(torch.randn(BATCH, 3, 32, 32), is_feat=True)

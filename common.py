@@ -1278,6 +1278,23 @@ def _field_docs(args_class):
     return docs
 
 
+def _field_groups(args_class):
+    """The group comment (`# Run`, `# Recipe`, `# Teacher`, the method's) above each dataclass field: its section in
+    --help. Like _field_docs, a class without a source file gets none."""
+    try:
+        lines, first = inspect.getsourcelines(args_class)
+        body = ast.parse("".join(lines)).body[0].body
+    except (OSError, TypeError, IndentationError, SyntaxError):
+        return {}
+    groups, header = {}, None
+    for node in body:
+        if isinstance(node, ast.AnnAssign):
+            above = [line.strip() for line in lines[: node.lineno - 1] if line.strip().startswith("# ")]
+            header = above[-1][2:] if above else header
+            groups[node.target.id] = header
+    return groups
+
+
 def _str2bool(text):
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -1300,7 +1317,7 @@ def parse_args(args_class, argv=None):
         epilog="architectures: " + ", ".join(MODEL_NAMES),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    tuple_fields = {}
+    tuple_fields, field_groups, sections = {}, _field_groups(args_class), {}
     for field in dataclasses.fields(args_class):
         flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
         options = dict(default=field.default, help=docs.get(field.name, ""))
@@ -1315,7 +1332,9 @@ def parse_args(args_class, argv=None):
             options.update(nargs="+", type=str)
         else:
             options.update(type=kind)
-        parser.add_argument(flag, **options)
+        header = field_groups.get(field.name)
+        section = sections.setdefault(header, parser.add_argument_group(header)) if header else parser
+        section.add_argument(flag, **options)
     values = vars(parser.parse_args(argv))
     for name, item_type in tuple_fields.items():  # "150,180,210" and "150 180 210" both work
         tokens = values[name] if isinstance(values[name], (list, tuple)) else [values[name]]

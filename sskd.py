@@ -119,7 +119,7 @@ class Args:
     """stable ranking: ties at the cut keep the lower row (SSKD: torch's sort, tie order unspecified) [INTERP]"""
     rotation_pipeline: Literal["sskd", "gpu"] = "sskd"
     """sskd: flip, rotate, a crop per copy (cifar.py); gpu: crop+flip shared by the copies, then rotate [INTERP]"""
-    # stage 2: the teacher's projection head
+    # SSKD stage 2: the teacher's projection head
     teacher_head_path: Optional[str] = None
     """trained head (ours, or SSKD's ckpt/teacher.pth); unset means the cached one, trained if missing [INTERP]"""
     t_epochs: int = 60

@@ -8,6 +8,7 @@ import importlib
 import inspect
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,21 +22,12 @@ GROUPS = ["Run", "Recipe"]  # the first two group headers of every Args; "Teache
 
 
 def args_layout(module_name):
-    """[(group header, [field names])] of a file's Args, in source order."""
-    source = (REPO / f"{module_name}.py").read_text()
-    class_node = next(node for node in ast.parse(source).body if getattr(node, "name", None) == "Args")
-    lines = source.splitlines()
+    """[(group header, [field names])] of a file's Args, in source order (the sections of its --help)."""
     groups = []
-    for node in class_node.body:
-        if isinstance(node, ast.AnnAssign):
-            header = next(
-                lines[row].strip()[2:]
-                for row in range(node.lineno - 2, class_node.lineno - 1, -1)
-                if lines[row].strip().startswith("# ")
-            )
-            if not groups or groups[-1][0] != header:
-                groups.append((header, []))
-            groups[-1][1].append(node.target.id)
+    for name, header in common._field_groups(importlib.import_module(module_name).Args).items():
+        if not groups or groups[-1][0] != header:
+            groups.append((header, []))
+        groups[-1][1].append(name)
     return groups
 
 
@@ -53,6 +45,9 @@ def test_shared_fields_have_kd_help_text_word_for_word_in_kd_order(module_name):
 @pytest.mark.parametrize("module_name", ALL_FILES)
 def test_args_groups_start_with_run_recipe_then_teacher(module_name):
     layout = args_layout(module_name)
+    assert sum(len(fields) for _, fields in layout) == len(
+        dataclasses.fields(importlib.import_module(module_name).Args)
+    )
     headers = [header for header, _ in layout]
     assert headers[:2] == GROUPS, headers
     kd_groups = dict(args_layout("kd"))
@@ -166,3 +161,11 @@ def test_the_repository_cites_no_folder_it_does_not_have():
         if name.endswith((".py", ".md", ".sh", ".toml", ".txt")) and FOREIGN_FOLDER in (REPO / name).read_text()
     ]
     assert offenders == [], offenders
+
+
+def test_help_shows_the_args_groups_as_sections():
+    result = subprocess.run([sys.executable, str(REPO / "sskd.py"), "--help"], capture_output=True, text=True)
+    headers = [
+        line[:-1] for line in result.stdout.splitlines() if line and not line.startswith(" ") and line.endswith(":")
+    ]
+    assert headers == ["options", "Run", "Recipe", "Teacher", "SSKD", "SSKD stage 2: the teacher's projection head"]

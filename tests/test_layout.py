@@ -73,7 +73,8 @@ def test_one_marker_form_opened_and_closed_in_turn(module_name):
 @pytest.mark.parametrize(
     "path",
     [f"{name}.py" for name in ALL_FILES]
-    + ["tools/report.py", "tools/sweep.py", "tools/synthetic_cifar.py", "benchmarks/speed_kd.py"]
+    + ["tools/report.py", "tools/sweep.py", "tools/synthetic_cifar.py", "tools/same_numbers.py"]
+    + ["benchmarks/speed_kd.py"]
     + ["benchmarks/speed_methods.py", "benchmarks/concurrent_kd.py", "benchmarks/gpu_check_summary.py"],
 )
 def test_module_docstring_ends_with_its_run_command(path):

@@ -1,0 +1,39 @@
+"""tools/same_numbers.py: identical checkouts pass, a changed number is caught, a wrong folder is refused."""
+
+import shutil
+import subprocess
+import sys
+
+from conftest import REPO
+
+TOOL = REPO / "tools" / "same_numbers.py"
+
+
+def same_numbers(*arguments):
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, arguments)], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_same_code_twice_is_identical():
+    result = same_numbers(REPO, REPO, "--methods", "kd")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kd: metrics identical, weights identical, cached stages identical" in result.stdout
+    assert result.stdout.strip().endswith("ALL IDENTICAL")
+
+
+def test_a_changed_default_is_caught(tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(REPO, changed, ignore=shutil.ignore_patterns(".git", "tests", "docs", "runs", "checkpoints"))
+    kd_source = (changed / "kd.py").read_text()
+    assert "kd_weight: float = 0.9" in kd_source
+    (changed / "kd.py").write_text(kd_source.replace("kd_weight: float = 0.9", "kd_weight: float = 0.5"))
+    result = same_numbers(REPO, changed, "--methods", "kd")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "metrics DIFFERENT, weights DIFFERENT, cached stages identical" in result.stdout  # the teacher is the same
+    assert result.stdout.strip().endswith("DIFFERENCES FOUND")
+
+
+def test_a_folder_that_is_no_checkout_is_refused(tmp_path):
+    result = same_numbers(tmp_path, REPO, "--methods", "kd")
+    assert result.returncode == 2 and "is not a checkout of this repository" in result.stderr

@@ -80,6 +80,7 @@ def main():
     parser.add_argument("after", help="checkout of the code after the change")
     parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = parser.parse_args()
+    args.before, args.after = Path(args.before).resolve(), Path(args.after).resolve()  # runs start in other folders
     for checkout in (args.before, args.after):
         if not (Path(checkout) / "common.py").is_file():
             parser.error(f"{checkout} is not a checkout of this repository (no common.py)")

@@ -159,14 +159,14 @@ class CssMultiBranchResNet(nn.Module):
         return torch.stack(outputs, dim=2)
 
 
-# name -> (bottlenecks per stage, block): resnet_css.py's resnet56, resnet110 and wide_resnet20_8.
-CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck)}
-CSS_RESNETS["css_wide_resnet20_8"] = (2, CssWideBottleneck)
+CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck)}  # name: (blocks, block)
+CSS_RESNETS["css_wide_resnet20_8"] = (2, CssWideBottleneck)  # resnet_css.py's resnet56, resnet110, wide_resnet20_8
+CSS_KIND = "CSS multi-branch network; the zoo's resnet56/110 are single-branch"  # how a wrong name is refused
 
 
 def build_css_resnet(name, num_classes, branches=3):
     """A CSS multi-branch network by name, with any number of branches."""
-    common.check_architectures(name, valid=tuple(CSS_RESNETS), kind="CSS multi-branch network")
+    common.check_architectures(name, valid=tuple(CSS_RESNETS), kind=CSS_KIND)
     model = CssMultiBranchResNet(CSS_RESNETS[name][0], num_classes, branches, CSS_RESNETS[name][1])
     model.arch, model.num_classes = name, num_classes
     return model
@@ -291,7 +291,7 @@ def evaluate_css(net_t, net_s, masks, data, args):
 if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
-    common.check_architectures(args.model_t, args.model_s, valid=tuple(CSS_RESNETS), kind="CSS multi-branch network")
+    common.check_architectures(args.model_t, args.model_s, valid=tuple(CSS_RESNETS), kind=CSS_KIND)
     # --- METHOD: CSS's own arguments, checked before any data or run folder ---
     if args.branches < 1 or args.warmup_epochs < 0:
         raise common.ConfigError("--branches must be at least 1 and --warmup-epochs at least 0")

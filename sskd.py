@@ -332,12 +332,12 @@ def check_args(args):
         raise common.ConfigError("--kd-T, --tf-T, --ss-T and --head-T must be positive")
     if args.t_epochs < 1 and not args.teacher_head_path:
         raise common.ConfigError("--t-epochs must be at least 1 (or pass a trained --teacher-head-path)")
+    common.check_architectures(args.teacher, args.student)  # unknown names fail before any training starts
 
 
 if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "sskd")
-    common.check_architectures(args.teacher, args.student)
     common.print_config(args, "sskd")
     # --- METHOD: SSKD's own arguments, checked before any work ---
     check_args(args)

@@ -62,7 +62,7 @@ def test_css_network_outputs_one_column_of_joint_logits_per_branch():
         assert build_css_resnet("css_resnet56", 100).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 300, 3)
         two_branches = build_css_resnet("css_resnet56", 10, branches=2).eval()
         assert two_branches(torch.randn(2, 3, 32, 32), branch_masks("corners", 2, 16, 16)).shape == (2, 20, 2)
-    with pytest.raises(common.ConfigError, match="did you mean css_resnet56"):
+    with pytest.raises(common.ConfigError, match="single-branch"):
         build_css_resnet("resnet56", 100)
 
 

@@ -53,8 +53,8 @@ def test_defaults_are_the_official_recipe_and_interp_flags_are_marked():
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(ratio_ss=1.5), dict(ratio_tf=-0.1), dict(ss_T=0.0), dict(t_epochs=0)]
-)  # an unknown --student stops the script too, as in kd.py (tests/test_robustness.py)
+    "bad", [dict(ratio_ss=1.5), dict(ratio_tf=-0.1), dict(ss_T=0.0), dict(t_epochs=0), dict(student="resnet99")]
+)
 def test_bad_flags_raise_a_config_error(bad):
     with pytest.raises(common.ConfigError):
         sskd.check_args(sskd.Args(**bad))

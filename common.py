@@ -1229,14 +1229,16 @@ class Meter:
         return {name: value / self.counts[name] for name, value in zip(self.sums, values)}
 
 
-def check_finite(metrics, epoch, run_dir):
-    """Stop with advice when a loss went NaN/inf; the last good epoch is already on disk."""
+def check_finite(metrics, epoch, run_dir, remedy=None):
+    """Stop with advice when a loss went NaN/inf; the last good epoch is already on disk. `remedy` replaces
+    the advice for a stage with its own lr flag or without a checkpoint to resume from."""
     bad = [name for name, value in metrics.items() if name.startswith("loss/") and not math.isfinite(value)]
     if bad:
-        raise FloatingPointError(
-            f"{', '.join(bad)} became non-finite in epoch {epoch + 1}. The checkpoint of the last finished "
-            f"epoch is in {run_dir}; lower --learning-rate or turn off --amp, then rerun with --resume."
+        remedy = remedy or (
+            f"The checkpoint of the last finished epoch is in {run_dir}; "
+            f"lower --learning-rate or turn off --amp, then rerun with --resume."
         )
+        raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch + 1}. {remedy}")
 
 
 @torch.no_grad()

@@ -209,11 +209,7 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
     Runs in runs/teacher_<cache name>_<dataset>, resuming there after an interruption."""
     frozen = args.teacher_mode == "frozen"
     epochs, milestones = stage1_recipe(args)
-    print(
-        f"stage 1: training the {args.teacher_mode} teacher's auxiliary classifiers for {epochs} epochs "
-        f"-> {cache_path}",
-        flush=True,
-    )
+    print(f"stage 1: training the {args.teacher_mode} teacher's branches ({epochs} epochs) -> {cache_path}", flush=True)
     common.seed_everything(args.teacher_seed, args.torch_deterministic)
     backbone = ce_teacher if frozen else common.build_model(teacher_arch, data.num_classes)
     model = common.prepare_model(common.AuxiliaryModel(backbone, 4 * data.num_classes), device, args.amp)
@@ -247,33 +243,24 @@ def train_stage1(args, data, device, teacher_arch, ce_teacher, ce_file, cache_pa
             meter.add_sum("train/top1", 100.0 * common.accuracy_count(logits[0::4], labels), len(labels))
             images_seen += len(labels)
         metrics = meter.averages()
-        common.check_finite(metrics, epoch, run_dir)
+        common.check_finite(metrics, epoch, run_dir, "Lower --teacher-lr or turn off --amp, then rerun.")
         images_per_s = images_seen / (time.time() - epoch_start)
         result = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
         branches = common.auxiliary_accuracy(model, data, args.eval_batch_size, args.amp)
         if max(branches["ss_top1"]) > best_ss:  # HSAKD keeps <arch>_best.pth by the best branch
             best_ss, best = max(branches["ss_top1"]), {**result, "epoch": epoch, "ss_top1": max(branches["ss_top1"])}
             common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
-        metrics.update(
-            {
-                "lr": lr,
-                "test/top1": result["top1"],
-                "test/top5": result["top5"],  # best: of best.pth
-                "test/best_top1": best["top1"],
-                "speed/images_per_s": images_per_s,
-            }
-        )
+        metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
+        metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})  # best: of best.pth
         metrics.update({f"test/ss_top1_{branch}": acc for branch, acc in enumerate(branches["ss_top1"], 1)})
         logger.log(epoch, metrics)
         common.save_checkpoint(run_dir / "last.pth", common.training_state(model, optimizer, epoch + 1, best, args))
         common.print_epoch(epoch, epochs, metrics, (time.time() - epoch_start) * (epochs - epoch - 1))
+    provenance = {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None}
     for source, target in (("best.pth", cache_path.with_name(cache_path.stem + "_best.pth")), ("last.pth", cache_path)):
         checkpoint = common.load_checkpoint(run_dir / source, "stage 1's checkpoint")  # last: written last
-        common.save_checkpoint(
-            target,
-            {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
-            | {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None},
-        )
+        weights = {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
+        common.save_checkpoint(target, weights | provenance)
 
 
 def prepare_teacher(args, data, device, teacher_arch):

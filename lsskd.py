@@ -233,9 +233,8 @@ def check_feature_map_shapes(arch, num_classes, include_last):
         feats, aux_maps, _, _ = model(torch.zeros(2, 3, 32, 32), is_feat=True, feature_maps=True)
     final_shape = tuple(feats[-2].shape[1:])
     aligned = aux_maps if include_last else aux_maps[:-1]
-    mismatched = [
-        f"head {head}: {tuple(m.shape[1:])}" for head, m in enumerate(aligned, 1) if tuple(m.shape[1:]) != final_shape
-    ]
+    shapes = [tuple(feature_map.shape[1:]) for feature_map in aligned]
+    mismatched = [f"head {head}: {shape}" for head, shape in enumerate(shapes, 1) if shape != final_shape]
     if mismatched:
         raise common.ConfigError(
             f"--feat-level map: {arch}'s auxiliary feature maps do not match its final feature map "
@@ -283,18 +282,12 @@ if __name__ == "__main__":
     final_slots = 1 if args.final_rows == "upright" else 4
     buffer_device = torch.device("cpu") if args.buffer_device == "cpu" else device
     buffer_options = dict(dtype=BUFFER_DTYPES[args.buffer_dtype], device=buffer_device)
-    final_buffer = (
-        torch.zeros(num_train, final_slots, num_classes, **buffer_options) if args.final_soft_targets else None
-    )
-    aux_buffer = (
-        torch.zeros(num_train, num_heads, 4, 4 * num_classes, **buffer_options) if args.aux_soft_targets else None
-    )
+    final_shape, aux_shape = (num_train, final_slots, num_classes), (num_train, num_heads, 4, 4 * num_classes)
+    final_buffer = torch.zeros(final_shape, **buffer_options) if args.final_soft_targets else None
+    aux_buffer = torch.zeros(aux_shape, **buffer_options) if args.aux_soft_targets else None
     megabytes = sum(b.numel() * b.element_size() for b in (final_buffer, aux_buffer) if b is not None) / 2**20
-    print(
-        f"{arch}: {num_heads} auxiliary heads; prediction buffers {megabytes:.0f} MB ({args.buffer_dtype}, "
-        f"{buffer_device})",
-        flush=True,
-    )
+    buffers = f"{megabytes:.0f} MB ({args.buffer_dtype}, {buffer_device})"
+    print(f"{arch}: {num_heads} auxiliary heads; prediction buffers {buffers}", flush=True)
     base_lr = common.default_lr(arch, args.learning_rate)
     optimizer = common.make_sgd(model_with_branches.parameters(), base_lr, args)  # backbone and branches
     # --- END METHOD ---

@@ -202,3 +202,14 @@ def test_global_average_is_adaptive_avg_pool_bit_for_bit_forward_and_backward(sh
     ours = common.global_average(x)
     ours.backward(upstream)
     assert torch.equal(ours, reference) and torch.equal(x.grad, reference_grad)
+
+
+def test_check_finite_names_the_loss_and_gives_the_stage_its_own_advice(tmp_path):
+    common.check_finite({"loss/ce": 1.0, "test/top1": float("nan")}, 0, tmp_path)  # only losses are checked
+    with pytest.raises(FloatingPointError) as default:
+        common.check_finite({"loss/ce": 1.0, "loss/kd": float("inf")}, 2, tmp_path)
+    assert str(default.value).startswith("loss/kd became non-finite in epoch 3.")
+    assert str(tmp_path) in str(default.value) and "--learning-rate" in str(default.value)
+    with pytest.raises(FloatingPointError) as own:
+        common.check_finite({"loss/head": float("nan")}, 0, tmp_path, "Lower --t-lr.")
+    assert str(own.value) == "loss/head became non-finite in epoch 1. Lower --t-lr."

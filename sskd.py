@@ -6,16 +6,13 @@ xuguodong03/SSKD@661b972 (`student.py`, `wrapper.py`, `cifar.py`; docs/sskd.md).
 Every training image comes in four copies, rotated by 0, 90, 180 and 270 degrees. Teacher and student each get a
 projection head on their pooled feature; a rotated copy should be most similar (cosine) to the upright copy of its own
 image among the batch's upright copies. One command runs three stages: kd.py's cross-entropy teacher, 60 epochs that
-train only the teacher's head on that task, then the student. The student learns the labels, the teacher's softened
-class distribution on the upright (KD) and rotated ("tf") copies, and its similarity distribution ("ss"), without the
-rotated rows on which the teacher errs worst ("selective transfer"). Compared with kd.py: the four-copy pipeline, the
-projection heads, the teacher-head stage and `sskd_loss`.
+train only the teacher's head on that task, then the student, which learns the labels, the teacher's softened class
+distribution on the upright (KD) and rotated ("tf") copies and its similarity distribution ("ss"), without the rotated
+rows the teacher errs worst on ("selective transfer"). Compared with kd.py: four copies, two heads, stage 2, sskd_loss.
 
 Run: python sskd.py --teacher resnet32x4 --student resnet8x4
 """
 
-import functools
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -134,12 +131,13 @@ class Args:
     """seed of the head's initialisation and data order, fixed: one cached head serves every student seed [INTERP]"""
 
 
-def sskd_batches(data, batch_size, generator, pipeline="sskd"):
+def sskd_batches(data, args, generator):
     """Four copies per image, row 4i+k = image i rotated by k*90 degrees: (normalised [4B, 3, 32, 32], labels [B],
-    dataset indices [B]). "sskd" (cifar.py): one flip per image, its four rotations, then RandomCrop(32, padding 4) per
-    copy; "gpu": the standard crop and flip, shared by the four copies, then the rotations (HSAKD's order)."""
-    for images, labels, indices in common.train_batches(data, batch_size, generator, augment=pipeline == "gpu"):
-        if pipeline == "gpu":
+    indices [B]). --rotation-pipeline sskd (cifar.py): one flip per image, its four rotations, then RandomCrop(32, 4)
+    per copy; gpu: the standard crop and flip, shared by the four copies, then the rotations (HSAKD's order)."""
+    gpu_pipeline = args.rotation_pipeline == "gpu"
+    for images, labels, indices in common.train_batches(data, args.batch_size, generator, augment=gpu_pipeline):
+        if gpu_pipeline:
             layout = torch.channels_last if data.channels_last else torch.contiguous_format  # --amp
             yield common.rotations(images).contiguous(memory_format=layout), labels, indices
             continue
@@ -156,12 +154,10 @@ def split_rotations(rows):
     return per_image[:, 0], per_image[:, 1:].flatten(0, 1)
 
 
-class ProjectionHead(nn.Sequential):
+def projection_head(feat_dim):
     """SSKD's proj_head (wrapper.py): Linear(d, d) - ReLU - Linear(d, d) on the pooled penultimate feature, PyTorch
     default init; keys 0.* and 2.* are SSKD's `proj_head.*`."""
-
-    def __init__(self, feat_dim):
-        super().__init__(nn.Linear(feat_dim, feat_dim), nn.ReLU(inplace=True), nn.Linear(feat_dim, feat_dim))
+    return nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(inplace=True), nn.Linear(feat_dim, feat_dim))
 
 
 def similarity_matrix(projections):
@@ -175,11 +171,6 @@ def similarity_matrix(projections):
 def positive_columns(similarity):
     """The column of each rotated row's own upright image: [3B, B] -> [3B] = 0,0,0,1,1,1,..."""
     return torch.arange(similarity.shape[1], device=similarity.device).repeat_interleave(3)
-
-
-def ss_correct_count(similarity):
-    """Rotated rows whose most similar upright image is their own (a tensor: no host sync)."""
-    return (similarity.argmax(dim=1) == positive_columns(similarity)).sum()
 
 
 @torch.no_grad()
@@ -199,7 +190,7 @@ def selective_transfer_mask(teacher_scores, target_columns, keep_ratio, stable_s
 
 def sskd_loss(student_logits, teacher_logits, student_similarity, teacher_similarity, labels, args):
     """SSKD's student loss (student.py): logits [4B, C] in the rotation layout, similarities [3B, B], labels [B].
-    Returns ({"ce", "kd", "tf", "ss", "total"}, keep_tf [3B], keep_ss [3B]); terms unweighted, the total weighted."""
+    Returns ({"ce", "kd", "tf", "ss", "total"}: unweighted terms, weighted total; {"tf", "ss"}: kept rows [3B])."""
 
     def kl_per_row(student_scores, teacher_scores, temperature):  # kd_loss of each row, before the mean: [N]
         log_student = F.log_softmax(student_scores / temperature, dim=1)
@@ -222,7 +213,7 @@ def sskd_loss(student_logits, teacher_logits, student_similarity, teacher_simila
     }
     weights = {"ce": args.ce_weight, "kd": args.kd_weight, "tf": args.tf_weight, "ss": args.ss_weight}
     terms["total"] = sum(weights[name] * terms[name] for name in weights)
-    return terms, keep_tf, keep_ss
+    return terms, {"tf": keep_tf, "ss": keep_ss}
 
 
 @torch.no_grad()
@@ -234,16 +225,16 @@ def ss_top1(model, head, data, batch_size, amp):
         with common.autocast(images.device, amp):
             feats, _ = model(common.rotations(images), is_feat=True)
             similarity = similarity_matrix(head(feats[-1]))
-        correct, rows = correct + ss_correct_count(similarity), rows + len(similarity)
+        correct += common.accuracy_count(similarity, positive_columns(similarity))
+        rows += len(similarity)
     return 100.0 * correct.item() / rows
 
 
-def train_teacher_head(teacher, data, args, batches, run_dir):
+def train_teacher_head(teacher, data, args, run_dir):
     """Stage 2 (student.py, first loop): a fresh head on the frozen teacher (eval mode, backbone under no_grad: SSKD's
     bb_grad=False), cross-entropy of cosines / head_T against each rotated row's own upright image.
     Returns (head, its last test ss top-1)."""
-    device = data.test_labels.device
-    head = ProjectionHead(teacher.feat_dim).to(device)
+    head = projection_head(teacher.feat_dim).to(data.test_labels.device)
     optimizer = common.make_sgd(head.parameters(), args.t_lr, args)
     teacher.eval()
     logger = common.Logger(run_dir, args, file_name="head_metrics.jsonl", tracking=False)  # starts the file over
@@ -251,21 +242,21 @@ def train_teacher_head(teacher, data, args, batches, run_dir):
         lr = common.lr_at_epoch(epoch, args.t_lr, args.t_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, _ in batches(data, args.batch_size, common.epoch_generator(args.head_seed, epoch)):
-            with common.autocast(device, args.amp):
+        for images, labels, _ in sskd_batches(data, args, common.epoch_generator(args.head_seed, epoch)):
+            with common.autocast(images.device, args.amp):
                 with torch.no_grad():
                     feats, _ = teacher(images, is_feat=True)
                 similarity = similarity_matrix(head(feats[-1]))  # [3B, B], fp32
-            loss = F.cross_entropy(similarity / args.head_T, positive_columns(similarity))
+            positives = positive_columns(similarity)  # [3B]: each rotated row's own upright image
+            loss = F.cross_entropy(similarity / args.head_T, positives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             meter.add("loss/head", loss, len(similarity))
-            meter.add_sum("train/ss_top1", 100.0 * ss_correct_count(similarity), len(similarity))
+            meter.add_sum("train/ss_top1", 100.0 * common.accuracy_count(similarity, positives), len(similarity))
             images_seen += len(labels)
         metrics = meter.averages()
-        if not math.isfinite(metrics["loss/head"]):
-            raise common.ConfigError(f"the teacher-head loss became non-finite in head epoch {epoch + 1}; lower --t-lr")
+        common.check_finite(metrics, epoch, run_dir, "Lower --t-lr or turn off --amp, then rerun (the head restarts).")
         seconds = time.time() - epoch_start
         test_ss = ss_top1(teacher, head, data, args.batch_size, args.amp)
         metrics.update({"lr": lr, "test/ss_top1": test_ss, "speed/images_per_s": images_seen / seconds})
@@ -277,18 +268,16 @@ def train_teacher_head(teacher, data, args, batches, run_dir):
 # Everything besides the teacher's weights that the trained head depends on.
 HEAD_RECIPE = ("dataset", "normalize", "train_subset", "batch_size", "t_epochs", "t_lr", "t_milestones", "lr_gamma")
 HEAD_RECIPE += ("momentum", "nesterov", "weight_decay", "head_T", "head_seed", "rotation_pipeline", "amp")
-HEAD_RECIPE += ("momentum", "nesterov", "weight_decay", "head_T", "head_seed", "rotation_pipeline", "amp")
 
 
 def load_teacher_head(path, feat_dim):
     """A head saved by this file ({"head": ...}) or SSKD's ckpt/teacher.pth (wrapper keys proj_head.*)."""
     checkpoint = common.load_checkpoint(path, "teacher head", "If it is a cached head, delete it to train it again.")
-    state = checkpoint.get("head") or {  # SSKD's wrapper: the head's keys are proj_head.*
-        key.removeprefix("proj_head."): value
-        for key, value in common.extract_state_dict(checkpoint).items()
-        if key.startswith("proj_head.")
-    }
-    head = ProjectionHead(feat_dim)
+    state = checkpoint.get("head")
+    if state is None:  # SSKD's wrapper: the head's keys are proj_head.*
+        wrapper = common.extract_state_dict(checkpoint).items()
+        state = {key.removeprefix("proj_head."): value for key, value in wrapper if key.startswith("proj_head.")}
+    head = projection_head(feat_dim)
     try:
         head.load_state_dict(state)
     except RuntimeError as error:
@@ -304,58 +293,46 @@ def teacher_head_cache_path(args, teacher_file):
     return teacher_cache.with_name(f"{teacher_cache.stem}_sskd_head_e{args.t_epochs}_{digest}.pth")
 
 
-def get_teacher_head(teacher, teacher_file, data, args, batches, run_dir):
+def get_teacher_head(teacher, teacher_file, data, args, run_dir):
     """Stage 2: --teacher-head-path, else the cached head, else train one and cache it, on its own random stream
     (--head-seed, so the student's initialisation does not change). Returns (frozen head, its file, test ss top-1)."""
 
     def train_head(path):
         print(f"no teacher head at {path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
-        head, test_ss = train_teacher_head(teacher, data, args, batches, run_dir)
+        head, test_ss = train_teacher_head(teacher, data, args, run_dir)
         recipe = {name: getattr(args, name) for name in HEAD_RECIPE}
         payload = {"head": head.state_dict(), "arch": args.teacher, "feat_dim": teacher.feat_dim, "recipe": recipe}
         common.save_checkpoint(path, payload | {"teacher_file": str(teacher_file), "test_ss_top1": test_ss})
 
     with torch.random.fork_rng(devices=[]):  # heads are built on the CPU; the data has its own generators
         torch.default_generator.manual_seed(args.head_seed)
-        cache = None if args.teacher_head_path else teacher_head_cache_path(args, teacher_file)
-        path = common.cached_stage(args.teacher_head_path, cache, train_head)
+        path = common.cached_stage(args.teacher_head_path, teacher_head_cache_path(args, teacher_file), train_head)
         head, test_ss = load_teacher_head(path, teacher.feat_dim)
     print(f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""), flush=True)
     return head.to(data.test_labels.device).eval().requires_grad_(False), path, test_ss
 
 
-def check_args(args):
-    """SSKD's own arguments, checked before any work."""
-    if not (0.0 <= args.ratio_tf <= 1.0 and 0.0 <= args.ratio_ss <= 1.0):
-        raise common.ConfigError("--ratio-tf and --ratio-ss are fractions of teacher-wrong rows: use values in [0, 1]")
-    if min(args.kd_T, args.tf_T, args.ss_T, args.head_T) <= 0:
-        raise common.ConfigError("--kd-T, --tf-T, --ss-T and --head-T must be positive")
-    if args.t_epochs < 1 and not args.teacher_head_path:
-        raise common.ConfigError("--t-epochs must be at least 1 (or pass a trained --teacher-head-path)")
-    common.check_architectures(args.teacher, args.student)  # unknown names fail before any training starts
-
-
 if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "sskd")
-    common.print_config(args, "sskd")
-    # --- METHOD: SSKD's own arguments, checked before any work ---
-    check_args(args)
+    common.check_architectures(args.teacher, args.student)
+    # --- METHOD: the selective-transfer fractions, checked before any work ---
+    if not (0.0 <= args.ratio_tf <= 1.0 and 0.0 <= args.ratio_ss <= 1.0):
+        raise common.ConfigError("--ratio-tf and --ratio-ss are fractions of teacher-wrong rows: use values in [0, 1]")
     # --- END METHOD ---
+    common.print_config(args, "sskd")
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
     run_dir = common.prepare_run_dir(args, f"sskd_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}")
 
     # --- METHOD: stage 1, the frozen teacher (evaluated before stage 2); stage 2, its head ---
-    batches = functools.partial(sskd_batches, pipeline=args.rotation_pipeline)
     teacher, teacher_result = common.load_teacher(args, data, device)
-    teacher_file = teacher_result["file"]
-    teacher_head, head_file, head_test_ss = get_teacher_head(teacher, teacher_file, data, args, batches, run_dir)
+    teacher_head, head_file, head_test_ss = get_teacher_head(teacher, teacher_result["file"], data, args, run_dir)
     # --- END METHOD ---
     student = common.prepare_model(common.build_model(args.student, data.num_classes), device, args.amp)
     # --- METHOD: the student's projection head is trained with it ---
-    student_head = ProjectionHead(student.feat_dim).to(device)
+    student_head = projection_head(student.feat_dim).to(device)
     base_lr = common.default_lr(args.student, args.learning_rate)
     optimizer = common.make_sgd([*student.parameters(), *student_head.parameters()], base_lr, args)  # not the teacher
     # --- END METHOD ---
@@ -371,7 +348,7 @@ if __name__ == "__main__":
         common.set_lr(optimizer, lr)
         student.train()
         meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, _ in batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+        for images, labels, _ in sskd_batches(data, args, common.epoch_generator(args.seed, epoch)):
             # --- METHOD: SSKD, four rotated copies per image through both networks and heads ---
             with common.autocast(device, args.amp):
                 student_feats, student_logits = student(images, is_feat=True)
@@ -379,16 +356,16 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     teacher_feats, teacher_logits = teacher(images, is_feat=True)
                     teacher_similarity = similarity_matrix(teacher_head(teacher_feats[-1]))
-            student_logits = student_logits.float()  # [4B, C]
-            losses, keep_tf, keep_ss = sskd_loss(
-                student_logits, teacher_logits.float(), student_similarity, teacher_similarity, labels, args
-            )
+            losses, kept = sskd_loss(
+                student_logits.float(), teacher_logits.float(), student_similarity, teacher_similarity, labels, args
+            )  # the logits are bf16 under --amp, the similarities always fp32
             loss_ce, loss = losses["ce"], losses["total"]
             for term in ("kd", "tf", "ss", "total"):
                 meter.add(f"loss/{term}", losses[term], len(labels))
-            meter.add_sum("train/ss_top1", 100.0 * ss_correct_count(student_similarity), len(student_similarity))
-            meter.add_sum("train/kept_tf", 100.0 * keep_tf.sum(), len(keep_tf))
-            meter.add_sum("train/kept_ss", 100.0 * keep_ss.sum(), len(keep_ss))
+            ss_correct = common.accuracy_count(student_similarity, positive_columns(student_similarity))
+            meter.add_sum("train/ss_top1", 100.0 * ss_correct, len(student_similarity))
+            for term, keep in kept.items():  # % of the rotated rows selective transfer keeps in the tf and ss terms
+                meter.add_sum(f"train/kept_{term}", 100.0 * keep.sum(), len(keep))
             upright_logits = split_rotations(student_logits)[0]  # train/top1 on the upright copies
             # --- END METHOD ---
             optimizer.zero_grad(set_to_none=True)
@@ -417,7 +394,7 @@ if __name__ == "__main__":
 
     last = common.evaluate(student, data, args.eval_batch_size, args.amp)
     # --- METHOD: the teacher and its head, recorded in summary.json ---
-    summary = {"teacher_top1": teacher_result["top1"], "teacher_file": str(teacher_file)}
+    summary = {"teacher_top1": teacher_result["top1"], "teacher_file": str(teacher_result["file"])}
     summary.update(teacher_head_file=str(head_file), teacher_head_test_ss_top1=head_test_ss)
     # --- END METHOD ---
     common.write_summary(run_dir, args, best, last, "sskd", **summary)

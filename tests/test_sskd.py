@@ -13,7 +13,7 @@ from conftest import run_script
 
 import common
 import sskd
-from sskd import ProjectionHead, selective_transfer_mask, similarity_matrix, sskd_loss
+from sskd import projection_head, selective_transfer_mask, similarity_matrix, sskd_loss
 
 
 def interleave(upright, rotated):
@@ -52,12 +52,22 @@ def test_defaults_are_the_official_recipe_and_interp_flags_are_marked():
     }
 
 
-@pytest.mark.parametrize(
-    "bad", [dict(ratio_ss=1.5), dict(ratio_tf=-0.1), dict(ss_T=0.0), dict(t_epochs=0), dict(student="resnet99")]
-)
-def test_bad_flags_raise_a_config_error(bad):
-    with pytest.raises(common.ConfigError):
-        sskd.check_args(sskd.Args(**bad))
+@pytest.mark.parametrize("bad", [["--ss-T", "0"], ["--head-T", "-1"], ["--t-epochs", "0"]])
+def test_bad_numbers_are_refused_by_the_parser(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(sskd.Args, bad)
+    assert exit_info.value.code == 2 and " ".join(bad) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--ratio-ss", "1.5"], ["--ratio-tf", "-0.1"], ["--student", "resnet99"]])
+def test_bad_flags_stop_the_script_before_any_work(bad, tmp_path):
+    # No data folder: had a check been missed, the run would fail later, trying to download CIFAR.
+    result = run_script(
+        "sskd.py", "--data-dir", tmp_path / "none", "--checkpoint-dir", tmp_path / "cache", *bad, cwd=tmp_path
+    )
+    flag_or_name = bad[0] if bad[0] != "--student" else bad[1]
+    assert result.returncode != 0 and "error: " in result.stderr and flag_or_name in result.stderr
+    assert not (tmp_path / "none").exists() and not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
 # ---- loss ----
@@ -81,7 +91,7 @@ def golden_batch():
 
 
 def test_sskd_loss_terms_match_hand_computed_values():
-    losses, keep_tf, keep_ss = sskd_loss(*golden_batch(), sskd.Args())
+    losses, kept = sskd_loss(*golden_batch(), sskd.Args())
     # ce: upright student rows [2, 0] (label 0) and [0, 0] (label 1).
     ce = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
     # kd: upright row 0 is a swapped pair with x = 2 at T = 4, row 1 agrees; batchmean over 2, x T^2.
@@ -97,7 +107,7 @@ def test_sskd_loss_terms_match_hand_computed_values():
     assert losses["tf"].item() == pytest.approx(tf, rel=1e-9)
     assert losses["ss"].item() == pytest.approx(ss, rel=1e-9)
     assert losses["total"].item() == pytest.approx(0.1 * ce + 0.9 * kd + 2.7 * tf + 10.0 * ss, rel=1e-9)
-    assert keep_tf.all() and keep_ss.tolist() == [True, True, False, True, True, True]
+    assert kept["tf"].all() and kept["ss"].tolist() == [True, True, False, True, True, True]
 
 
 def test_sskd_loss_normalises_tf_and_ss_by_the_kept_rows_and_applies_the_weight_flags():
@@ -185,7 +195,8 @@ def test_similarity_matrix_compares_each_rotated_row_with_every_upright_row():
     similarity = similarity_matrix(projections)
     assert torch.allclose(similarity, expected, atol=1e-6)
     assert sskd.positive_columns(similarity).tolist() == [0, 0, 0, 1, 1, 1]
-    assert sskd.ss_correct_count(similarity).item() == 4  # rows 3 and 4 prefer image 0's upright copy
+    correct = common.accuracy_count(similarity, sskd.positive_columns(similarity))
+    assert correct.item() == 4  # rows 3 and 4 prefer image 0's upright copy
 
     random_rows = torch.randn(12, 7, generator=torch.Generator().manual_seed(0))  # matches F.cosine_similarity
     reference = torch.stack(
@@ -245,7 +256,7 @@ HEAD_PARAMETERS = {
 @pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
 def test_projection_head_fits_every_zoo_backbone_with_the_official_size(name):
     model = common.build_model(name, 100).eval()
-    head = ProjectionHead(model.feat_dim)
+    head = projection_head(model.feat_dim)
     assert model.feat_dim == FEATURE_DIMS[name]
     assert sum(p.numel() for p in head.parameters()) == HEAD_PARAMETERS[FEATURE_DIMS[name]]
     assert list(head.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # SSKD's proj_head.*
@@ -255,7 +266,7 @@ def test_projection_head_fits_every_zoo_backbone_with_the_official_size(name):
 
 
 def test_teacher_head_loads_from_sskd_wrapper_checkpoints_and_rejects_wrong_sizes(tmp_path):
-    head = ProjectionHead(64)
+    head = projection_head(64)
     wrapper = {
         "state_dict": {
             **{f"proj_head.{k}": v for k, v in head.state_dict().items()},
@@ -302,7 +313,7 @@ def toy_data(num_images=6):
 
 def test_sskd_pipeline_shares_one_flip_and_crops_each_rotated_copy_separately():
     data = toy_data()
-    images, labels, indices = next(sskd.sskd_batches(data, 6, torch.Generator().manual_seed(0)))
+    images, labels, indices = next(sskd.sskd_batches(data, sskd.Args(batch_size=6), torch.Generator().manual_seed(0)))
     assert images.shape == (24, 3, 32, 32) and torch.equal(labels, data.train_labels[indices])
     offsets_per_image = []
     for i, index in enumerate(indices.tolist()):
@@ -326,7 +337,8 @@ def test_sskd_pipeline_shares_one_flip_and_crops_each_rotated_copy_separately():
 
 
 def test_gpu_pipeline_rotates_one_augmented_image():
-    images, _, _ = next(sskd.sskd_batches(toy_data(), 6, torch.Generator().manual_seed(0), "gpu"))
+    gpu_args = sskd.Args(batch_size=6, rotation_pipeline="gpu")
+    images, _, _ = next(sskd.sskd_batches(toy_data(), gpu_args, torch.Generator().manual_seed(0)))
     for i in range(6):
         for k in range(4):
             assert torch.equal(images[4 * i + k], torch.rot90(images[4 * i], k, dims=(1, 2)))
@@ -342,9 +354,9 @@ def test_head_stage_changes_only_the_head(cifar_dir, tmp_path):
     teacher.train()  # the stage must switch it to eval, or BN statistics would move
     before = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
     torch.manual_seed(0)
-    initial_head = ProjectionHead(64).state_dict()
+    initial_head = projection_head(64).state_dict()
     torch.manual_seed(0)  # train_teacher_head builds its head first: the same initial weights
-    head, test_ss = sskd.train_teacher_head(teacher, data, args, sskd.sskd_batches, tmp_path)
+    head, test_ss = sskd.train_teacher_head(teacher, data, args, tmp_path)
     after = teacher.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before), "teacher weights or BN stats changed"
     assert all(p.grad is None for p in teacher.parameters())

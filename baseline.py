@@ -1,10 +1,11 @@
 """Plain cross-entropy training of one CIFAR network: the student baseline and the teacher trainer.
 
-Recipe: HobbitLong/RepDistiller `train_teacher.py` (docs/kd.md): SGD with momentum 0.9, weight decay 5e-4, batch 64,
-lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2), x0.1 at epochs 150, 180 and 210, 240 epochs. There is no teacher
-and no extra term: the network minimises the cross-entropy of its logits with the hard labels. Every "Student" row of
-the KD tables comes from this recipe, and the distillation files call this script to train a teacher they cannot
-find, so baselines and teachers share one code path. `--eval-checkpoint FILE` evaluates any saved model.
+Recipe: HobbitLong/RepDistiller `train_teacher.py` (docs/kd.md): SGD with momentum 0.9, weight decay
+5e-4, batch 64, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2), x0.1 at epochs 150, 180 and 210,
+240 epochs. There is no teacher and no extra term: the network minimises the cross-entropy of its
+logits with the hard labels. Every "Student" row of the KD tables comes from this recipe, and the
+distillation files call this script to train a teacher they cannot find, so baselines and teachers
+share one code path. `--eval-checkpoint FILE` evaluates any saved model.
 
 Run: python baseline.py --model resnet20
 """
@@ -41,7 +42,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -72,7 +73,7 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
     # Teacher
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
@@ -85,6 +86,7 @@ class Args:
 
 
 if __name__ == "__main__":
+    common.show_user_errors_plainly()
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.model)
@@ -95,12 +97,15 @@ if __name__ == "__main__":
 
     if args.eval_checkpoint:
         model = common.load_model_file(args.model, data.num_classes, args.eval_checkpoint)
-        result = common.evaluate(common.prepare_model(model, device, args.amp), data, args.eval_batch_size, args.amp)
+        model = common.prepare_model(model, device, args.amp)
+        result = common.evaluate(model, data, args.eval_batch_size, args.amp)
         print(f"{args.model} from {args.eval_checkpoint}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}")
         raise SystemExit(0)
 
-    run_dir = common.prepare_run_dir(args, f"baseline_{args.model}_{args.dataset}_seed{args.seed}")
-    model = common.prepare_model(common.build_model(args.model, data.num_classes), device, args.amp)
+    run_name = f"baseline_{args.model}_{args.dataset}_seed{args.seed}"
+    run_dir = common.prepare_run_dir(args, run_name)
+    model = common.build_model(args.model, data.num_classes)
+    model = common.prepare_model(model, device, args.amp)
     base_lr = common.default_lr(args.model, args.learning_rate)
     optimizer = common.make_sgd(model.parameters(), base_lr, args)
     start_epoch, best, _ = common.resume_state(run_dir, model, optimizer, args.resume, args)
@@ -110,8 +115,10 @@ if __name__ == "__main__":
         lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
         model.train()
-        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+        meter = common.Meter()
+        epoch_start = time.time()
+        generator = common.epoch_generator(args.seed, epoch)
+        for images, labels, _ in common.train_batches(data, args.batch_size, generator):
             # --- METHOD: cross-entropy with the hard labels, nothing else ---
             with common.autocast(device, args.amp):
                 logits = model(images).float()
@@ -122,22 +129,22 @@ if __name__ == "__main__":
             loss.backward()
             optimizer.step()
             meter.add("loss/ce", loss_ce, len(labels))
-            meter.add_sum("train/top1", 100.0 * common.accuracy_count(logits, labels), len(labels))
-            images_seen += len(labels)
+            meter.add_top1("train/top1", logits, labels)
 
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir)
-        images_per_s = images_seen / (time.time() - epoch_start)
+        images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         result = common.evaluate(model, data, args.eval_batch_size, args.amp)
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
-            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
+            best_weights = common.model_payload(model, epoch + 1, result, args)
+            common.save_checkpoint(run_dir / "best.pth", best_weights)
         metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
         metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         logger.log(epoch, metrics)
         state = common.training_state(model, optimizer, epoch + 1, best, args)
         common.save_checkpoint(run_dir / "last.pth", state)
-        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+        common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     last = common.evaluate(model, data, args.eval_batch_size, args.amp)
     common.write_summary(run_dir, args, best, last, "baseline")

@@ -22,6 +22,7 @@ import pickle
 import random
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -1107,11 +1108,11 @@ def auxiliary_branch_count(name):
 SMALL_LR_MODELS = ("MobileNetV2", "MobileNetV2_hsakd", "ShuffleV1", "ShuffleV2")
 
 
-def default_lr(arch, learning_rate=None, base_lr=0.05, small_lr=0.01):
-    """The recipe's initial lr: an explicit --learning-rate wins, else 0.01 for M/S models."""
+def default_lr(arch, learning_rate=None):
+    """The RepDistiller recipe's initial lr: an explicit --learning-rate wins, else 0.05, or 0.01 for M/S models."""
     if learning_rate is not None:
         return learning_rate
-    return small_lr if arch in SMALL_LR_MODELS else base_lr
+    return 0.01 if arch in SMALL_LR_MODELS else 0.05
 
 
 def lr_at_epoch(epoch, base_lr, milestones, gamma):
@@ -1194,13 +1195,12 @@ def evaluate(model, data, batch_size=128, amp=False):
     model.eval()
     device = data.test_labels.device
     correct1 = correct5 = torch.zeros((), device=device)
-    k = min(5, data.num_classes)
     for images, labels in test_batches(data, batch_size):
         with autocast(device, amp):
             logits = model(images)
-        top = logits.float().topk(k, dim=1).indices
-        correct1 = correct1 + (top[:, 0] == labels).sum()
-        correct5 = correct5 + (top == labels[:, None]).any(dim=1).sum()
+        top1, top5 = topk_counts(logits.float(), labels)
+        correct1 = correct1 + top1
+        correct5 = correct5 + top5
     total = len(data.test_labels)
     return {"top1": 100.0 * correct1.item() / total, "top5": 100.0 * correct5.item() / total}
 
@@ -1208,6 +1208,13 @@ def evaluate(model, data, batch_size=128, amp=False):
 def accuracy_count(logits, labels):
     """Number of rows whose argmax is the label (a tensor: no host sync inside the step)."""
     return (logits.argmax(dim=1) == labels).sum()
+
+
+def topk_counts(logits, labels):
+    """(rows whose top-1 is the label, rows with the label among their top 5), as tensors; top-5 is
+    top-C when there are fewer than 5 classes."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return (top[:, 0] == labels).sum(), (top == labels[:, None]).any(dim=1).sum()
 
 
 class Meter:
@@ -1223,6 +1230,10 @@ class Meter:
     def add_sum(self, name, total, count):
         self.sums[name] = self.sums.get(name, 0) + total.detach().float()
         self.counts[name] = self.counts.get(name, 0) + count
+
+    def add_top1(self, name, logits, labels):
+        """Top-1 (%) of the rows' argmax against `labels`, averaged over every row of the epoch."""
+        self.add_sum(name, 100.0 * accuracy_count(logits, labels), len(labels))
 
     def averages(self):
         values = torch.stack([self.sums[name] for name in self.sums]).tolist()
@@ -1346,7 +1357,6 @@ def parse_args(args_class, argv=None):
             parser.error(
                 f"--{name.replace('_', '-')}: expected {item_type.__name__} values, got {' '.join(map(str, tokens))}"
             )
-    sys.excepthook = _friendly_excepthook
     args = args_class(**values)
     try:
         check_common_args(args)
@@ -1359,6 +1369,10 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
+# Fields that are fractions: SSKD's selective-transfer keep ratios, PS-KD's and LSSKD's final alpha.
+FRACTION_FIELDS = ("ratio_tf", "ratio_ss", "alpha_T")
+
+
 def check_common_args(args):
     """Refuse values no run can use, by the fields' names, so every script checks them before any work:
     epoch counts and batch sizes at least 1 (a warm-up may be 0), a positive --train-subset, positive
@@ -1369,7 +1383,7 @@ def check_common_args(args):
     for name, value in values.items():
         if value is None or isinstance(value, bool):
             continue
-        if (name.endswith("epochs") and name != "warmup_epochs") or name.endswith("batch_size"):
+        if (name.endswith("epochs") and name != "warmup_epochs") or name.endswith("batch_size") or name == "branches":
             if value < 1:
                 problems.append(f"{_flag(name)} {value} must be at least 1")
         elif name == "warmup_epochs" and value < 0:
@@ -1384,6 +1398,8 @@ def check_common_args(args):
             problems.append(f"{_flag(name)} {value} must be in [0, 1)")
         elif name.endswith("weight_decay") and value < 0:
             problems.append(f"{_flag(name)} {value} must be 0 or more")
+        elif name in FRACTION_FIELDS and not 0 <= value <= 1:
+            problems.append(f"{_flag(name)} {value} must be a fraction in [0, 1]")
         elif name.endswith("milestones") and any(epoch < 0 for epoch in value):
             problems.append(f"{_flag(name)} {value} must be 0-based epochs (0 or more)")
     for name in ("output_dir", "checkpoint_dir"):
@@ -1415,6 +1431,11 @@ def check_architectures(*names, valid=None, kind=None):
             hint = f" (did you mean {close[0]}?)" if close else ""
             problem = f"{name!r} is not a {kind}" if kind else f"unknown architecture {name!r}"
             raise ConfigError(f"{problem}{hint}; choose one of: {', '.join(valid)}")
+
+
+def show_user_errors_plainly():
+    """Every script's first call: user errors (bad input, a diverged loss) print one line, not a traceback."""
+    sys.excepthook = _friendly_excepthook
 
 
 def _friendly_excepthook(kind, error, trace):
@@ -1498,8 +1519,10 @@ def format_seconds(seconds):
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def print_epoch(epoch, epochs, metrics, seconds_left, stage="epoch"):
-    """The one progress line per epoch: epoch, lr, each loss term, accuracies, speed, ETA."""
+def print_epoch(epoch, epochs, metrics, epoch_start, stage="epoch"):
+    """The one progress line per epoch: epoch, lr, each loss term, accuracies, speed, and the ETA from
+    this epoch's wall time since `epoch_start` (time.time()), its evaluation included."""
+    seconds_left = (time.time() - epoch_start) * (epochs - epoch - 1)
     loss_order = lambda name: (name != "loss/ce", name == "loss/total")  # ce first, method terms, total last
     losses = " ".join(
         f"{name} {metrics[name]:.4f}"
@@ -1554,9 +1577,12 @@ def restore_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def training_state(model, optimizer, epoch, best, args, **extra):
+def training_state(model, optimizer, epoch, best, args, trained_with=None, **extra):
     """Everything `--resume` needs. `model` uses RepDistiller's keys so the file also serves as a
-    teacher checkpoint; `epoch` counts finished epochs."""
+    teacher checkpoint; `epoch` counts finished epochs. `trained_with` ({key: module, tensor or None})
+    is what a method trains or keeps beside the model (heads, branches, prediction buffers)."""
+    trained_with = trained_with or {}
+    kept = {key: value.state_dict() if hasattr(value, "state_dict") else value for key, value in trained_with.items()}
     return {
         "model": model.state_dict(),
         "arch": model.arch,
@@ -1566,6 +1592,7 @@ def training_state(model, optimizer, epoch, best, args, **extra):
         "best": best,
         "args": dataclasses.asdict(args),
         "rng": rng_states(),
+        **kept,
         **extra,
     }
 
@@ -1670,9 +1697,10 @@ def check_resume_arguments(path, checkpoint, args):
         )
 
 
-def resume_state(run_dir, model, optimizer, resume, args=None):
+def resume_state(run_dir, model, optimizer, resume, args=None, trained_with=None):
     """With --resume, load runs/<run>/last.pth into model and optimizer, after checking that `args` match
-    the interrupted run's. Returns (start_epoch, best, checkpoint); a fresh start is (0, no best yet, None)."""
+    the interrupted run's, and into what the method trains or keeps beside the model (`trained_with`, as
+    saved by training_state). Returns (start_epoch, best, checkpoint); a fresh start is (0, no best yet, None)."""
     path = Path(run_dir) / "last.pth"
     if not (resume and path.exists()):
         return 0, {"top1": 0.0, "top5": 0.0, "epoch": -1}, None
@@ -1683,9 +1711,29 @@ def resume_state(run_dir, model, optimizer, resume, args=None):
         check_resume_arguments(path, checkpoint, args)
     load_weights(model, checkpoint, str(path))
     optimizer.load_state_dict(checkpoint["optimizer"])
+    for key, target in (trained_with or {}).items():
+        _restore(target, checkpoint.get(key), key, path)
     restore_rng_states(checkpoint["rng"])
     print(f"resumed from {path} after epoch {checkpoint['epoch']}", flush=True)
     return checkpoint["epoch"], checkpoint["best"], checkpoint
+
+
+def _restore(target, saved, key, path):
+    """Load a saved module state or tensor (a prediction buffer) into `target`, refusing a file from a run
+    whose flags gave it another shape; a None target (a switched-off buffer) is left alone."""
+    if target is None:
+        return
+    if hasattr(target, "load_state_dict") and isinstance(saved, dict):  # a module or an optimizer
+        target.load_state_dict(saved)
+        return
+    if not isinstance(saved, torch.Tensor) or saved.shape != target.shape or saved.dtype != target.dtype:
+        found = f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor) else "none"
+        needed = "a saved state" if hasattr(target, "load_state_dict") else f"{tuple(target.shape)} {target.dtype}"
+        raise ConfigError(
+            f"{path} holds {key} {found}, but this run needs {needed}: resume with the flags of the "
+            f"interrupted run (the method's own flags, --train-subset, --dataset, --model)"
+        )
+    target.copy_(saved)
 
 
 def extract_state_dict(checkpoint):
@@ -1732,10 +1780,11 @@ def load_weights(model, checkpoint, source):
     model.load_state_dict(state, strict=True)
 
 
-def model_from_checkpoint(arch, num_classes, checkpoint, source):
-    """Build `arch` and load the weights of a loaded checkpoint (any supported format)."""
+def model_from_checkpoint(arch, num_classes, checkpoint, source, build=None):
+    """Build `arch` (with `build`, e.g. build_auxiliary_model; default build_model) and load the weights of a
+    loaded checkpoint (any supported format)."""
     with torch.random.fork_rng(devices=[]):  # building a model to overwrite must not shift the seed's stream
-        model = build_model(arch, num_classes)
+        model = (build or build_model)(arch, num_classes)
     load_weights(model, checkpoint, source)
     return model
 
@@ -1791,16 +1840,30 @@ def cache_lock(path):
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def cached_stage(given_path, cache_path, train):
+def cached_stage(given_path, cache_path, train, seed=None):
     """The rule of every stage a student needs first (the CE teacher, SSKD's teacher head, HSAKD's stage 1):
     the file the user gave, else the cached file, else `train(cache_path)` writes it. Training runs under
-    `cache_lock`, so concurrent runs that need the same stage train it once. Returns the file to load."""
+    `cache_lock`, so concurrent runs that need the same stage train it once. With `seed`, training draws
+    from its own random stream seeded with it, and the caller's stream is left as it was: the stage is the
+    same for every student seed, and the student the same whether the stage was trained, cached or given.
+    Returns the file to load."""
     if given_path:
         return Path(given_path)
     with cache_lock(cache_path):
         if not Path(cache_path).exists():
-            train(cache_path)
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.default_generator.manual_seed(seed)
+                train(cache_path)
     return Path(cache_path)
+
+
+def publish_stage(checkpoint_file, cache_path, what, **provenance):
+    """Copy a finished stage run's checkpoint into the cache as weights only (model, arch, num_classes,
+    epoch, args) plus `provenance`; the atomic save means a half-written cache file never exists."""
+    checkpoint = load_checkpoint(checkpoint_file, what)
+    weights = {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
+    save_checkpoint(cache_path, weights | provenance)
 
 
 def stage_digest(length, *parts):
@@ -1871,8 +1934,8 @@ def train_teacher(args, cache_path):
     preexec = die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
     if subprocess.run(command, preexec_fn=preexec).returncode != 0:
         raise ConfigError("training the teacher failed (see above); fix it and rerun, it resumes")
-    last = load_checkpoint(Path(args.output_dir) / run_name / "last.pth", "the teacher run's last checkpoint")
-    save_checkpoint(cache_path, {key: last[key] for key in ("model", "arch", "num_classes", "epoch", "args")})
+    last_file = Path(args.output_dir) / run_name / "last.pth"
+    publish_stage(last_file, cache_path, "the teacher run's last checkpoint")
 
 
 def check_teacher_normalization(checkpoint, args, source):

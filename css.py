@@ -1,8 +1,7 @@
 """CSS: Channel Self-Supervision for Online Knowledge Distillation (two networks, no teacher).
 
 Paper: S. Fan, X. Cheng, X. Wang, C. Yang, P. Deng, M. Liu, J. Deng, M. Liu, arXiv 2203.11660 (2022),
-https://arxiv.org/abs/2203.11660. Code: PumpkinsLemon/CSS@7b5c928 `resnet_css.py`, `train.py`, which this file follows
-(only the abstract is available; docs/css.md).
+https://arxiv.org/abs/2203.11660. Followed: PumpkinsLemon/CSS@7b5c928 `resnet_css.py`, `train.py` (docs/css.md).
 
 Two multi-branch networks (a shared stem, layer1 and layer2, then 3 branches with their own layer3 and classifier)
 train together from scratch. Each branch sees the shared map with a different corner zeroed, also at test time, and
@@ -47,7 +46,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -67,7 +66,7 @@ class Args:
     """number of training epochs"""
     batch_size: int = 128
     """training batch size"""
-    learning_rate: float = 0.1
+    learning_rate: Optional[float] = None
     """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
     lr_milestones: Tuple[int, ...] = (149, 224)
     """0-based epochs at which the lr is multiplied by --lr-gamma"""
@@ -80,7 +79,7 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
     # CSS
     kd_T: float = 3.0
     """softmax temperature T of the distillation KL"""
@@ -132,8 +131,9 @@ class CssWideBottleneck(CssBottleneck):
 
 class CssMultiBranchResNet(nn.Module):
     """resnet_css.py's multi-branch ResNet (depth 9n + 2): stem, layer1 and layer2 shared, then per branch i its own
-    `layer3_i` and `classifier3_i` Linear(256, num_classes * branches). forward(x, branch_masks) -> [N, C * n_b, n_b],
-    column i = branch i's logits; branch i's layer3 sees the layer2 map times branch_masks[i] (None: unmasked)."""
+    `layer3_i` and `classifier3_i` Linear(256, num_classes * branches). forward(x, branch_masks) -> [N, C * n_b,
+    n_b], column i = branch i's logits; branch i's layer3 sees the layer2 map times branch_masks[i] (None:
+    unmasked)."""
 
     def __init__(self, blocks_per_stage, num_classes, branches=3, block=CssBottleneck):
         super().__init__()
@@ -173,8 +173,8 @@ def build_css_resnet(name, num_classes, branches=3):
 
 
 def lr_with_warmup(epoch, base_lr, milestones, gamma, warmup_epochs):
-    """train.py's schedule: 0-based epoch e < warmup_epochs uses base_lr * (e + 1) / warmup_epochs, then
-    `lr_at_epoch` (5 epochs: 0.2, 0.4, ..., 1.0 times base_lr)."""
+    """train.py's schedule: 0-based epoch e < warmup_epochs uses base_lr * (e + 1) / warmup_epochs, then `lr_at_epoch`
+    (5 epochs: 0.2, 0.4, ..., 1.0 times base_lr)."""
     if epoch < warmup_epochs:
         return base_lr * (epoch + 1) / warmup_epochs
     return common.lr_at_epoch(epoch, base_lr, milestones, gamma)
@@ -225,8 +225,8 @@ def branch_kd_loss(learner_logits, target_logits, temperature):
 
 
 def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, detach_ratio=False):
-    """train.py: L = [CE_t + alpha1 * KD_(t<-s)] + [CE_s + alpha2 * KD_(s<-t)], alpha1 = CE_t / CE_s = 1 / alpha2.
-    By default nothing is detached, as there: targets and ratios get gradients too. Returns (total, terms)."""
+    """train.py: L = [CE_t + alpha1 * KD_(t<-s)] + [CE_s + alpha2 * KD_(s<-t)], alpha1 = CE_t / CE_s = 1 / alpha2. By
+    default nothing is detached, as there: targets and ratios get gradients too. Returns (total, terms)."""
     ce_t, ce_s = branch_ce_loss(logits_t, labels), branch_ce_loss(logits_s, labels)
     target_t = logits_t.detach() if detach_kd_target else logits_t
     target_s = logits_s.detach() if detach_kd_target else logits_s
@@ -271,16 +271,18 @@ def evaluate_css(net_t, net_s, masks, data, args):
     meter = common.Meter()
     for images, labels in common.test_batches(data, args.eval_batch_size):
         with common.autocast(images.device, args.amp):
-            logits_t, logits_s = net_t(images, masks).float(), net_s(images, masks).float()
-        aggregated_t, aggregated_s = aggregate_branches(logits_t), aggregate_branches(logits_s)
+            logits_t = net_t(images, masks).float()
+            logits_s = net_s(images, masks).float()
+        aggregated_t = aggregate_branches(logits_t)
+        aggregated_s = aggregate_branches(logits_s)
         ensemble = (aggregated_t + aggregated_s) / 2
         for name, scores in (("net1", aggregated_t), ("net2", aggregated_s), ("ensemble", ensemble)):
-            top = scores.topk(min(5, data.num_classes), dim=1).indices
-            meter.add_sum(f"{name}_top1", 100.0 * (top[:, 0] == labels).sum(), len(labels))
-            meter.add_sum(f"{name}_top5", 100.0 * (top == labels[:, None]).any(dim=1).sum(), len(labels))
+            top1, top5 = common.topk_counts(scores, labels)
+            meter.add_sum(f"{name}_top1", 100.0 * top1, len(labels))
+            meter.add_sum(f"{name}_top5", 100.0 * top5, len(labels))
         for name, logits in (("net1", logits_t), ("net2", logits_s)) if args.log_branch_top1 else ():
             for i, slot_scores in enumerate(own_slot_logits(logits).unbind(dim=2)):
-                meter.add_sum(f"{name}_branch{i}_top1", 100.0 * common.accuracy_count(slot_scores, labels), len(labels))
+                meter.add_top1(f"{name}_branch{i}_top1", slot_scores, labels)
         if args.log_diversity:
             all_pairs, same_numbered = branch_diversity(logits_t, logits_s)
             meter.add_sum("diversity", all_pairs.sum(), len(labels))
@@ -289,51 +291,51 @@ def evaluate_css(net_t, net_s, masks, data, args):
 
 
 if __name__ == "__main__":
+    common.show_user_errors_plainly()
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
     common.check_architectures(args.model_t, args.model_s, valid=tuple(CSS_RESNETS), kind=CSS_KIND)
-    # --- METHOD: CSS's own arguments, checked before any data or run folder ---
-    if args.branches < 1 or args.warmup_epochs < 0:
-        raise common.ConfigError("--branches must be at least 1 and --warmup-epochs at least 0")
-    # --- END METHOD ---
     common.print_config(args, "css")
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    run_dir = common.prepare_run_dir(args, f"css_{args.model_t}_{args.model_s}_{args.dataset}_seed{args.seed}")
+    run_name = f"css_{args.model_t}_{args.model_s}_{args.dataset}_seed{args.seed}"
+    run_dir = common.prepare_run_dir(args, run_name)
 
     # --- METHOD: two multi-branch networks from scratch, one SGD optimizer each; per-branch masks ---
-    net_t, net_s = (build_css_resnet(arch, data.num_classes, args.branches) for arch in (args.model_t, args.model_s))
-    net_t, net_s = (common.prepare_model(net, device, args.amp) for net in (net_t, net_s))
+    net_t = build_css_resnet(args.model_t, data.num_classes, args.branches)
+    net_s = build_css_resnet(args.model_s, data.num_classes, args.branches)
+    net_t = common.prepare_model(net_t, device, args.amp)
+    net_s = common.prepare_model(net_s, device, args.amp)
     for name, net in (("net1", net_t), ("net2", net_s)):
-        print(f"{name}: {net.arch}, {args.branches} branches, {sum(p.numel() for p in net.parameters()):,} parameters")
+        print(f"{name}: {net.arch}, {args.branches} branches, {sum(map(torch.numel, net.parameters())):,} parameters")
     size = data.train_images.shape[2] // 2  # the masked map is layer2's output: 16x16 on CIFAR
     masks = branch_masks(args.mask, args.branches, size, size, args.literal_mask3)
     masks = masks.to(device) if masks is not None else None
-    optimizer_t = common.make_sgd(net_t.parameters(), args.learning_rate, args)
-    optimizer_s = common.make_sgd(net_s.parameters(), args.learning_rate, args)
-    # last.pth keeps net2 in the standard slots and net1 beside it, so it also loads as a net2 checkpoint.
-    start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args)
-    best_net1, best_ensemble = dict(best), dict(best)  # no best yet (on resume, read below)
-    if checkpoint is not None:
-        net1_checkpoint = {"model": checkpoint["net1_model"], "arch": checkpoint["net1_arch"]}
-        common.load_weights(net_t, net1_checkpoint, str(run_dir / "last.pth"))
-        optimizer_t.load_state_dict(checkpoint["net1_optimizer"])
-        best_net1, best_ensemble = checkpoint["best_net1"], checkpoint["best_ensemble"]
+    base_lr = 0.1 if args.learning_rate is None else args.learning_rate  # train.py's lr for every network
+    optimizer_t = common.make_sgd(net_t.parameters(), base_lr, args)
+    optimizer_s = common.make_sgd(net_s.parameters(), base_lr, args)
+    # last.pth keeps net2 in the standard slots and net1 beside them, so it also loads as a net2 checkpoint.
+    trained_with = {"net1_model": net_t, "net1_optimizer": optimizer_t}
+    start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args, trained_with)
+    best_net1 = checkpoint["best_net1"] if checkpoint else dict(best)
+    best_ensemble = checkpoint["best_ensemble"] if checkpoint else dict(best)
     result = None
     # --- END METHOD ---
     logger = common.Logger(run_dir, args, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
         # --- METHOD: train.py's warm-up, then the step schedule, for both networks ---
-        lr = lr_with_warmup(epoch, args.learning_rate, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
+        lr = lr_with_warmup(epoch, base_lr, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
         common.set_lr(optimizer_t, lr)
         common.set_lr(optimizer_s, lr)
         net_t.train()
         net_s.train()
         # --- END METHOD ---
-        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+        meter = common.Meter()
+        epoch_start = time.time()
+        generator = common.epoch_generator(args.seed, epoch)
+        for images, labels, _ in common.train_batches(data, args.batch_size, generator):
             # --- METHOD: CSS, joint-label CE per branch + CE-ratio-weighted branch-to-branch KD ---
             with common.autocast(device, args.amp):
                 logits_t = net_t(images, masks).float()  # [B, C*n_b, n_b]
@@ -341,32 +343,32 @@ if __name__ == "__main__":
             loss, terms = css_loss(logits_t, logits_s, labels, args.kd_T, args.detach_kd_target, args.detach_ratio)
             if not args.distill:  # the CE-only baseline: the two networks no longer interact
                 loss = terms["ce_t"] + terms["ce_s"]
-            for name in ("ce_t", "ce_s", "kd_t_from_s", "kd_s_from_t"):
-                meter.add(f"loss/{name}", terms[name], len(labels))
-            meter.add("weight/alpha1", terms["alpha1"], len(labels))
-            meter.add("weight/alpha2", terms["alpha2"], len(labels))
-            meter.add("loss/total", loss, len(labels))
             optimizer_t.zero_grad(set_to_none=True)
             optimizer_s.zero_grad(set_to_none=True)
             loss.backward()  # one backward pass reaches both networks
             optimizer_t.step()
             optimizer_s.step()
-            meter.add("loss/ce", terms["ce_t"] + terms["ce_s"], len(labels))
-            correct_t = common.accuracy_count(aggregate_branches(logits_t), labels)
-            correct_s = common.accuracy_count(aggregate_branches(logits_s), labels)
-            meter.add_sum("train/top1", 100.0 * correct_s, len(labels))
-            meter.add_sum("train/net1_top1", 100.0 * correct_t, len(labels))
             # --- END METHOD ---
-            images_seen += len(labels)
+            # --- METHOD: CSS's training metrics: every term, both CE ratios, each network's top-1 ---
+            for name in ("ce_t", "ce_s", "kd_t_from_s", "kd_s_from_t"):
+                meter.add(f"loss/{name}", terms[name], len(labels))
+            meter.add("weight/alpha1", terms["alpha1"], len(labels))
+            meter.add("weight/alpha2", terms["alpha2"], len(labels))
+            meter.add("loss/total", loss, len(labels))
+            meter.add("loss/ce", terms["ce_t"] + terms["ce_s"], len(labels))
+            meter.add_top1("train/top1", aggregate_branches(logits_s), labels)
+            meter.add_top1("train/net1_top1", aggregate_branches(logits_t), labels)
+            # --- END METHOD ---
 
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir)
-        images_per_s = images_seen / (time.time() - epoch_start)
+        images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         # --- METHOD: three test accuracies (net1, net2 = primary, ensemble), each with its best epoch ---
         result = evaluate_css(net_t, net_s, masks, data, args)
         if result["net2_top1"] > best["top1"]:
             best = {"top1": result["net2_top1"], "top5": result["net2_top5"], "epoch": epoch}
-            common.save_checkpoint(run_dir / "best.pth", common.model_payload(net_s, epoch + 1, best, args))
+            best_weights = common.model_payload(net_s, epoch + 1, best, args)
+            common.save_checkpoint(run_dir / "best.pth", best_weights)
         if result["net1_top1"] > best_net1["top1"]:
             best_net1 = {"top1": result["net1_top1"], "top5": result["net1_top5"], "epoch": epoch}
             common.save_checkpoint(run_dir / "best_net1.pth", common.model_payload(net_t, epoch + 1, best_net1, args))
@@ -377,15 +379,13 @@ if __name__ == "__main__":
         metrics.update({"test/net1_best_top1": best_net1["top1"], "test/ensemble_best_top1": best_ensemble["top1"]})
         metrics["speed/images_per_s"] = images_per_s
         logger.log(epoch, metrics)
-        state = common.training_state(net_s, optimizer_s, epoch + 1, best, args)
-        state.update(net1_model=net_t.state_dict(), net1_arch=net_t.arch, net1_optimizer=optimizer_t.state_dict())
-        state.update(best_net1=best_net1, best_ensemble=best_ensemble)
+        state = common.training_state(net_s, optimizer_s, epoch + 1, best, args, trained_with)
+        state.update(net1_arch=net_t.arch, best_net1=best_net1, best_ensemble=best_ensemble)
         common.save_checkpoint(run_dir / "last.pth", state)
         # --- END METHOD ---
-        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+        common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
-    # --- METHOD: every network's last and best epoch, recorded in summary.json ---
-    # The last epoch's evaluation is the last-epoch result (eval mode is deterministic); a finished run evaluates once.
+    # --- METHOD: every network's last and best epoch (the last evaluation, or one for a finished run) ---
     last = result if result is not None else evaluate_css(net_t, net_s, masks, data, args)
     summary = {"primary": f"net2 ({args.model_s})", "net1_arch": args.model_t, "net2_arch": args.model_s}
     for name, best_of in (("net1", best_net1), ("net2", best), ("ensemble", best_ensemble)):

@@ -1,14 +1,15 @@
 """Hinton knowledge distillation (KD) with the RepDistiller CIFAR recipe.
 
-Paper: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning
-Workshop, https://arxiv.org/abs/1503.02531. Reference code: HobbitLong/RepDistiller `train_student.py --distill kd
--r 0.1 -a 0.9 -b 0` (docs/kd.md).
+Paper: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014
+Deep Learning Workshop, https://arxiv.org/abs/1503.02531. Reference code: HobbitLong/RepDistiller
+`train_student.py --distill kd -r 0.1 -a 0.9 -b 0` (docs/kd.md).
 
-A frozen teacher, trained beforehand with plain cross-entropy (baseline.py), looks at the same augmented batch as the
-student. The student learns from two targets at once: the hard label (cross-entropy, weight 0.1) and the teacher's
-class distribution softened by a temperature T = 4 (KL divergence, weight 0.9, times T^2 so that its gradient keeps
-the size of the CE's as T grows). Compared with baseline.py, the only changes are the teacher (loaded, or trained and
-cached when missing, and evaluated before the first student step) and the `kd_loss` term.
+A frozen teacher, trained beforehand with plain cross-entropy (baseline.py), looks at the same
+augmented batch as the student. The student learns from two targets at once: the hard label
+(cross-entropy, weight 0.1) and the teacher's class distribution softened by a temperature T = 4 (KL
+divergence, weight 0.9, times T^2 so that its gradient keeps the size of the CE's as T grows).
+Compared with baseline.py, the only changes are the teacher (loaded, or trained and cached when
+missing, and evaluated before the first student step) and the `kd_loss` term.
 
 Run: python kd.py --teacher resnet32x4 --student resnet8x4
 """
@@ -45,7 +46,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -76,22 +77,22 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
     # Teacher
     teacher: str = "resnet32x4"
     """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
-    """teacher checkpoint (formats: README.md); unset means the cached one, trained with baseline.py when missing"""
+    """teacher checkpoint (formats: README.md); unset: the cached one, trained by baseline.py if missing"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240
     """epochs of baseline.py training when the teacher has to be trained"""
     teacher_expected_acc: Optional[float] = None
-    """expected teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""
+    """expected teacher test top-1; unset: RepDistiller's value for known CIFAR-100 teachers"""
     strict_teacher_check: bool = False
     """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
     allow_teacher_normalize_mismatch: bool = False
-    """use a teacher whose recorded --normalize differs from this run's (warn instead of refusing)"""
+    """use a teacher whose recorded --normalize differs from this run's (warn, do not refuse)"""
     # KD
     kd_T: float = 4.0
     """softmax temperature T of the distillation KL"""
@@ -102,15 +103,16 @@ class Args:
 
 
 def kd_loss(student_logits, teacher_logits, temperature):
-    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes
-    and averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it as sum / B).
-    The T^2 keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
+    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes and
+    averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it as sum / B). The T^2
+    keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)  # [B, C]
     teacher_probs = F.softmax(teacher_logits / temperature, dim=1)  # [B, C]
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
 if __name__ == "__main__":
+    common.show_user_errors_plainly()
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.teacher, args.student)
@@ -118,14 +120,16 @@ if __name__ == "__main__":
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    run_dir = common.prepare_run_dir(args, f"kd_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}")
+    run_name = f"kd_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
+    run_dir = common.prepare_run_dir(args, run_name)
 
     # --- METHOD: a frozen teacher, evaluated before the first student step ---
     teacher, teacher_result = common.load_teacher(args, data, device)
     # --- END METHOD ---
-    student = common.prepare_model(common.build_model(args.student, data.num_classes), device, args.amp)
+    student = common.build_model(args.student, data.num_classes)
+    student = common.prepare_model(student, device, args.amp)
     base_lr = common.default_lr(args.student, args.learning_rate)
-    optimizer = common.make_sgd(student.parameters(), base_lr, args)  # the teacher is not optimised
+    optimizer = common.make_sgd(student.parameters(), base_lr, args)
     start_epoch, best, _ = common.resume_state(run_dir, student, optimizer, args.resume, args)
     logger = common.Logger(run_dir, args, start_epoch)
 
@@ -133,8 +137,10 @@ if __name__ == "__main__":
         lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
         student.train()
-        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, _ in common.train_batches(data, args.batch_size, common.epoch_generator(args.seed, epoch)):
+        meter = common.Meter()
+        epoch_start = time.time()
+        generator = common.epoch_generator(args.seed, epoch)
+        for images, labels, _ in common.train_batches(data, args.batch_size, generator):
             # --- METHOD: KD, the teacher's softened distribution on the same batch as a second target ---
             with common.autocast(device, args.amp):
                 student_logits = student(images).float()
@@ -143,29 +149,31 @@ if __name__ == "__main__":
             loss_ce = F.cross_entropy(student_logits, labels)
             loss_kd = kd_loss(student_logits, teacher_logits, args.kd_T)
             loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd
-            meter.add("loss/kd", loss_kd, len(labels))
-            meter.add("loss/total", loss, len(labels))
             # --- END METHOD ---
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # --- METHOD: KD's training metrics ---
+            meter.add("loss/kd", loss_kd, len(labels))
+            meter.add("loss/total", loss, len(labels))
+            # --- END METHOD ---
             meter.add("loss/ce", loss_ce, len(labels))
-            meter.add_sum("train/top1", 100.0 * common.accuracy_count(student_logits, labels), len(labels))
-            images_seen += len(labels)
+            meter.add_top1("train/top1", student_logits, labels)
 
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir)
-        images_per_s = images_seen / (time.time() - epoch_start)
+        images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         result = common.evaluate(student, data, args.eval_batch_size, args.amp)
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
-            common.save_checkpoint(run_dir / "best.pth", common.model_payload(student, epoch + 1, result, args))
+            best_weights = common.model_payload(student, epoch + 1, result, args)
+            common.save_checkpoint(run_dir / "best.pth", best_weights)
         metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
         metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         logger.log(epoch, metrics)
         state = common.training_state(student, optimizer, epoch + 1, best, args)
         common.save_checkpoint(run_dir / "last.pth", state)
-        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+        common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     last = common.evaluate(student, data, args.eval_batch_size, args.amp)
     # --- METHOD: the teacher's accuracy, recorded in summary.json ---

@@ -1,17 +1,19 @@
 """Layered Self-Supervised Knowledge Distillation (LSSKD) on CIFAR: teacher-free, on HSAKD's branches.
 
-Paper: T. Dahri, Z. A. Memon, Z. Yu, M. Y. I. Idris, S. Khan, S. Ahmad, M. Shoman, S. Aziz, R. Qureshi, "A Layered
-Self-Supervised Knowledge Distillation Framework for Efficient Multimodal Learning on the Edge", arXiv 2506.07055
-(2025), https://arxiv.org/abs/2506.07055. No public code: most choices here are interpretations, each a flag marked
-[INTERP] in --help, the recipe included (HSAKD's); docs/lsskd.md gives each reading and its source.
+Paper: T. Dahri, Z. A. Memon, Z. Yu, M. Y. I. Idris, S. Khan, S. Ahmad, M. Shoman, S. Aziz, R.
+Qureshi, "A Layered Self-Supervised Knowledge Distillation Framework for Efficient Multimodal
+Learning on the Edge", arXiv 2506.07055 (2025), https://arxiv.org/abs/2506.07055. No public code:
+most choices here are interpretations, each a flag marked [INTERP] in --help, the recipe included
+(HSAKD's); docs/lsskd.md gives each reading and its source.
 
-One network, no teacher. HSAKD's auxiliary classifiers (common.AuxiliaryModel) sit after the intermediate stages and
-predict the 4C-way class x rotation label (4y + k) of all four rotations of every image, with gradients into the
-backbone. Every head learns from PS-KD soft targets: (1 - alpha_e) * onehot + alpha_e * (the same head's prediction for
-the same sample and rotation in the previous epoch), kept in per-head buffers addressed by dataset index. On top, the
-deepest auxiliary head teaches the shallower ones (KL, T = 3) and the shallow heads' pooled features are pulled
-towards the backbone's final feature (L2). Compared with kd.py: no teacher, 4x the rows (rotations), auxiliary
-branches, prediction buffers instead of a teacher, four loss terms, and Nesterov momentum.
+One network, no teacher. HSAKD's auxiliary classifiers (common.AuxiliaryModel) sit after the
+intermediate stages and predict the 4C-way class x rotation label (4y + k) of all four rotations of
+every image, with gradients into the backbone. Every head learns from PS-KD soft targets: (1 -
+alpha_e) * onehot + alpha_e * (the same head's prediction for the same sample and rotation in the
+previous epoch), kept in per-head buffers addressed by dataset index. On top, the deepest auxiliary
+head teaches the shallower ones (KL, T = 3) and the shallow heads' pooled features are pulled
+towards the backbone's final feature (L2). Compared with kd.py: no teacher, 4x the rows (rotations),
+auxiliary branches, prediction buffers instead of a teacher, four loss terms, and Nesterov momentum.
 
 Run: python lsskd.py --model resnet8x4
 """
@@ -48,7 +50,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -79,12 +81,10 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
     # LSSKD
     kd_T: float = 3.0
     """softmax temperature T of the distillation KL"""
-    mbv2_variant: Literal["repdistiller", "hsakd"] = "repdistiller"
-    """MobileNetV2 means RepDistiller's (stride-2 stem), or HSAKD's stride-1 one [INTERP]"""
     alpha_T: float = 0.8
     """alpha of the soft targets at the last epoch (PS-KD's value) [INTERP]"""
     alpha_schedule: Literal["linear", "constant"] = "linear"
@@ -135,9 +135,10 @@ def progressive_targets(hard_labels, past_predictions, alpha):
 
 
 def read_targets(buffer, sample_ids, hard_labels, alpha, first_epoch):
-    """Soft targets of a batch from its buffer rows, addressed by dataset index. buffer [N_train, *slots, K],
-    hard_labels [B, *slots] -> targets [B, *slots, K] float32. In the first epoch the rows are first set to
-    their one-hot labels, so every epoch-0 target is exactly one-hot (PS-KD's rule)."""
+    """Soft targets of a batch from its buffer rows, addressed by dataset index. buffer [N_train,
+    *slots, K], hard_labels [B, *slots] -> targets [B, *slots, K] float32. In the first epoch the
+    rows are first set to their one-hot labels, so every epoch-0 target is exactly one-hot (PS-KD's
+    rule)."""
     rows = sample_ids.to(buffer.device)
     if first_epoch:
         buffer[rows] = F.one_hot(hard_labels, buffer.shape[-1]).to(buffer.device, buffer.dtype)
@@ -148,7 +149,8 @@ def read_targets(buffer, sample_ids, hard_labels, alpha, first_epoch):
 
 
 def record_predictions(buffer, sample_ids, logits, temperature=1.0):
-    """After the optimizer step: the batch's detached softmax(logits / T) [B, *slots, K] becomes its rows."""
+    """After the optimizer step: the batch's detached softmax(logits / T) [B, *slots, K] becomes its
+    rows."""
     probabilities = F.softmax(logits.detach().float() / temperature, dim=-1)
     buffer[sample_ids.to(buffer.device)] = probabilities.to(buffer.device, buffer.dtype)
 
@@ -164,31 +166,32 @@ def per_head_rows(sample_values):
 
 
 def soft_cross_entropy(logits, targets, temperature=1.0):
-    """-sum_k target_k * log softmax(logits / T)_k, mean over rows (PS-KD's loss; T = 1 unless --sad-tau)."""
+    """-sum_k target_k * log softmax(logits / T)_k, mean over rows (PS-KD's loss; T = 1 unless
+    --sad-tau)."""
     return -(targets * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
 
 
 def kd_loss(student_logits, teacher_logits, temperature):
-    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes
-    and averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it as sum / B).
-    The T^2 keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
+    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes and
+    averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it as sum / B). The T^2
+    keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)  # [B, C]
     teacher_probs = F.softmax(teacher_logits / temperature, dim=1)  # [B, C]
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
 def head_class_logits(head_logits):
-    """An auxiliary head's class scores: the sum of each class's 4 rotation logits (joint labels 4c..4c+3),
-    as HSAKD's branch diagnostics read them. [R, 4C] -> [R, C]."""
+    """An auxiliary head's class scores: the sum of each class's 4 rotation logits (joint labels
+    4c..4c+3), as HSAKD's branch diagnostics read them. [R, 4C] -> [R, C]."""
     return head_logits.unflatten(1, (-1, 4)).sum(2)
 
 
 def deep_to_shallow_kl(aux_logits, temperature, teacher="deepest", final_logits=None, final_rows="upright"):
     """KL from a deeper classifier with stop-gradient. "deepest": the deepest head L teaches every head
-    l = 1..L-1 (Be-Your-Own-Teacher's rule on the SAD heads); "chain": head l+1 teaches head l; both on the
-    4C joint logits of all 4B rows. "final": the final classifier's logits [R, C] on the rows it learns from
-    (--final-rows) teach every head l = 1..L, on the head's class scores (head_class_logits) of those rows.
-    aux_logits L x [4B, 4C]."""
+    l = 1..L-1 (Be-Your-Own-Teacher's rule on the SAD heads); "chain": head l+1 teaches head l; both
+    on the 4C joint logits of all 4B rows. "final": the final classifier's logits [R, C] on the rows
+    it learns from (--final-rows) teach every head l = 1..L, on the head's class scores
+    (head_class_logits) of those rows. aux_logits L x [4B, 4C]."""
     if teacher == "final":
         rows = slice(0, None, 4) if final_rows == "upright" else slice(None)
         target = final_logits.detach()
@@ -200,16 +203,17 @@ def deep_to_shallow_kl(aux_logits, temperature, teacher="deepest", final_logits=
 def feature_alignment(aux_feats, final_feat, detach_target=True, include_last=False):
     """Sum over heads of the mean squared difference between head l's feature and the backbone's final
     feature on the same 4B rows: pooled vectors (aux_feats L x [4B, D], final_feat [4B, D]) or, with
-    --feat-level map, maps (L x [4B, D, H, W] against [4B, D, H, W]); the mean runs over every element."""
+    --feat-level map, maps (L x [4B, D, H, W] against [4B, D, H, W]); the mean runs over every
+    element."""
     target = final_feat.detach() if detach_target else final_feat
     heads = aux_feats if include_last else aux_feats[:-1]
     return sum(((feat - target) ** 2).mean() for feat in heads)
 
 
 def lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets, args):
-    """The loss of docs/lsskd.md, per step on the 4B rotated rows (row 4b + k). logits [4B, C], aux_logits and
-    aux_targets L x [4B, 4C], final_targets [R*B, C] for the upright rows (R = 1) or all rows (R = 4).
-    Returns every term (unweighted) and the weighted total."""
+    """The loss of docs/lsskd.md, per step on the 4B rotated rows (row 4b + k). logits [4B, C],
+    aux_logits and aux_targets L x [4B, 4C], final_targets [R*B, C] for the upright rows (R = 1) or
+    all rows (R = 4). Returns every term (unweighted) and the weighted total."""
     final_logits = logits[0::4] if args.final_rows == "upright" else logits
     terms = {"final": soft_cross_entropy(final_logits, final_targets)}
     sad = [soft_cross_entropy(head, target, args.sad_tau) for head, target in zip(aux_logits, aux_targets)]
@@ -226,8 +230,9 @@ def lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_tar
 
 
 def check_feature_map_shapes(arch, num_classes, include_last):
-    """--feat-level map needs every aligned branch map to have the shape of the backbone's last stage map.
-    Checked on the meta device (no weights, no compute) before anything runs; raises ConfigError if not."""
+    """--feat-level map needs every aligned branch map to have the shape of the backbone's last stage
+    map. Checked on the meta device (no weights, no compute) before anything runs; raises
+    ConfigError if not."""
     with torch.device("meta"):
         model = common.build_auxiliary_model(arch, num_classes)
         feats, aux_maps, _, _ = model(torch.zeros(2, 3, 32, 32), is_feat=True, feature_maps=True)
@@ -242,63 +247,50 @@ def check_feature_map_shapes(arch, num_classes, include_last):
         )
 
 
-def restore_buffer(buffer, checkpoint, key, path):
-    """Load a buffer saved in last.pth, refusing one from a run with other flags."""
-    saved = checkpoint.get(key)
-    if saved is None or saved.shape != buffer.shape or saved.dtype != buffer.dtype:
-        found = "none" if saved is None else f"{tuple(saved.shape)} {saved.dtype}"
-        raise common.ConfigError(
-            f"{path} holds {key} {found}, but this run needs {tuple(buffer.shape)} {buffer.dtype}: "
-            f"resume with the flags of the interrupted run (--final-rows, --*-soft-targets, "
-            f"--buffer-dtype, --train-subset, --dataset, --model)"
-        )
-    buffer.copy_(saved)
-
-
 if __name__ == "__main__":
+    common.show_user_errors_plainly()
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.model)
     common.print_config(args, "lsskd")
-    # --- METHOD: the architecture, and map-level feature L2's shapes, checked before any data or run folder ---
-    arch = "MobileNetV2_hsakd" if args.model == "MobileNetV2" and args.mbv2_variant == "hsakd" else args.model
-    if not common.auxiliary_supported(arch):
-        common.build_auxiliary_model(arch, 10)  # raises the message that lists the supported backbones
+    # --- METHOD: auxiliary classifiers, and map-level feature L2's shapes, checked before any work ---
+    if not common.auxiliary_supported(args.model):
+        common.build_auxiliary_model(args.model, 10)  # raises the message that lists the supported backbones
     if args.feat_level == "map" and args.lambda_feat:
-        check_feature_map_shapes(arch, 10, args.feat_include_last)  # the class count does not change a map
+        check_feature_map_shapes(args.model, 10, args.feat_include_last)  # the class count does not change a map
     print("LSSKD has no public code: [INTERP] flags are this repository's reading (docs/lsskd.md)", flush=True)
     # --- END METHOD ---
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    run_dir = common.prepare_run_dir(args, f"lsskd_{args.model}_{args.dataset}_seed{args.seed}")
+    run_name = f"lsskd_{args.model}_{args.dataset}_seed{args.seed}"
+    run_dir = common.prepare_run_dir(args, run_name)
 
     # --- METHOD: one network with HSAKD's auxiliary classifiers, and the previous-epoch prediction buffers ---
-    model_with_branches = common.prepare_model(common.build_auxiliary_model(arch, data.num_classes), device, args.amp)
-    # The backbone is the model that is evaluated, checkpointed and reported, as in pskd.py. The branches are
-    # trained with it and stay in train mode throughout (evaluation switches only the backbone to eval mode).
+    model_with_branches = common.build_auxiliary_model(args.model, data.num_classes)
+    model_with_branches = common.prepare_model(model_with_branches, device, args.amp)
+    # The backbone is the model that is evaluated, saved and reported, as in pskd.py. The branches train
+    # with it, are saved and resumed with it, and stay in train mode (evaluation is the backbone's).
     model = model_with_branches.backbone
-    num_train, num_classes, num_heads = len(data.train_labels), data.num_classes, model_with_branches.num_branches
+    num_classes = data.num_classes
+    num_heads = model_with_branches.num_branches
     final_slots = 1 if args.final_rows == "upright" else 4
     buffer_device = torch.device("cpu") if args.buffer_device == "cpu" else device
     buffer_options = dict(dtype=BUFFER_DTYPES[args.buffer_dtype], device=buffer_device)
-    final_shape, aux_shape = (num_train, final_slots, num_classes), (num_train, num_heads, 4, 4 * num_classes)
+    final_shape = (len(data.train_labels), final_slots, num_classes)
+    aux_shape = (len(data.train_labels), num_heads, 4, 4 * num_classes)
     final_buffer = torch.zeros(final_shape, **buffer_options) if args.final_soft_targets else None
     aux_buffer = torch.zeros(aux_shape, **buffer_options) if args.aux_soft_targets else None
-    megabytes = sum(b.numel() * b.element_size() for b in (final_buffer, aux_buffer) if b is not None) / 2**20
+    used = [buffer for buffer in (final_buffer, aux_buffer) if buffer is not None]
+    megabytes = sum(buffer.numel() * buffer.element_size() for buffer in used) / 2**20
     buffers = f"{megabytes:.0f} MB ({args.buffer_dtype}, {buffer_device})"
-    print(f"{arch}: {num_heads} auxiliary heads; prediction buffers {buffers}", flush=True)
-    base_lr = common.default_lr(arch, args.learning_rate)
-    optimizer = common.make_sgd(model_with_branches.parameters(), base_lr, args)  # backbone and branches
+    print(f"{args.model}: {num_heads} auxiliary heads; prediction buffers {buffers}", flush=True)
+    base_lr = common.default_lr(args.model, args.learning_rate)
+    optimizer = common.make_sgd(model_with_branches.parameters(), base_lr, args)
+    trained_with = {"auxiliary_classifier": model_with_branches.auxiliary_classifier}
+    trained_with.update(final_predictions=final_buffer, aux_predictions=aux_buffer)
     # --- END METHOD ---
-    start_epoch, best, checkpoint = common.resume_state(run_dir, model, optimizer, args.resume, args)
-    # --- METHOD: the branches and the buffers are part of the training state ---
-    if checkpoint:
-        model_with_branches.auxiliary_classifier.load_state_dict(checkpoint["auxiliary_classifier"])
-        for key, buffer in (("final_predictions", final_buffer), ("aux_predictions", aux_buffer)):
-            if buffer is not None:
-                restore_buffer(buffer, checkpoint, key, run_dir / "last.pth")
-    # --- END METHOD ---
+    start_epoch, best, _ = common.resume_state(run_dir, model, optimizer, args.resume, args, trained_with)
     logger = common.Logger(run_dir, args, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
@@ -308,12 +300,13 @@ if __name__ == "__main__":
         alpha = lsskd_alpha(epoch, args.epochs, args.alpha_T, args.alpha_schedule)
         # --- END METHOD ---
         model.train()
-        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, sample_ids in common.train_batches(
-            data, args.batch_size, common.epoch_generator(args.seed, epoch)
-        ):
+        meter = common.Meter()
+        epoch_start = time.time()
+        generator = common.epoch_generator(args.seed, epoch)
+        for images, labels, sample_ids in common.train_batches(data, args.batch_size, generator):
             # --- METHOD: 4 rotations after crop+flip (row 4b+k); targets from last epoch's predictions ---
-            rotated, joint_labels = common.rotations(images), common.rotation_joint_labels(labels)  # [4B, ...], [4B]
+            rotated = common.rotations(images)  # [4B, 3, H, W]
+            joint_labels = common.rotation_joint_labels(labels)  # [4B]: 4y + k
             batch = len(labels)
             final_labels = labels[:, None].expand(batch, final_slots)  # [B, R]: the class, for every used row
             aux_labels = joint_labels.view(batch, 1, 4).expand(batch, num_heads, 4)  # [B, L, 4]: 4y + k per head
@@ -326,57 +319,54 @@ if __name__ == "__main__":
             else:
                 aux_targets = F.one_hot(aux_labels, 4 * num_classes).float()
             aux_targets = per_head_rows(aux_targets)  # L x [4B, 4C]
+            final_targets = final_targets.flatten(0, 1)
             with common.autocast(device, args.amp):
                 outputs = model_with_branches(rotated, is_feat=True, feature_maps=args.feat_level == "map")
-            feats, aux_feats, aux_logits, logits = outputs
-            aux_logits, aux_feats = [head.float() for head in aux_logits], [feat.float() for feat in aux_feats]
-            logits, final_feat = logits.float(), (feats[-2] if args.feat_level == "map" else feats[-1]).float()
-            final_targets = final_targets.flatten(0, 1)
+                feats, aux_feats, aux_logits, logits = outputs
+                aux_logits = [head.float() for head in aux_logits]
+                aux_feats = [feat.float() for feat in aux_feats]
+                logits = logits.float()
+                final_feat = (feats[-2] if args.feat_level == "map" else feats[-1]).float()
             losses = lsskd_loss(logits, aux_logits, aux_feats, final_feat, final_targets, aux_targets, args)
-            loss, upright_logits = losses.pop("total"), logits[0::4]
-            for name, value in losses.items():
-                meter.add(f"loss/{name}", value, batch)
-            meter.add("loss/total", loss, batch)
+            loss = losses["total"]
+            loss_ce = F.cross_entropy(logits[0::4].detach(), labels)  # monitored only
             # --- END METHOD ---
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # --- METHOD: this iteration's predictions become the samples' rows, for every head ---
-            # After the step, PS-KD's timing: pre-update weights, train mode, this epoch's augmentation.
+            # --- METHOD: after the step (PS-KD's timing), this iteration's predictions become the rows ---
             if args.final_soft_targets:
-                final_logits = upright_logits if args.final_rows == "upright" else logits
+                final_logits = logits[0::4] if args.final_rows == "upright" else logits
                 record_predictions(final_buffer, sample_ids, final_logits.view(batch, final_slots, num_classes))
             if args.aux_soft_targets:
                 record_predictions(aux_buffer, sample_ids, per_sample(aux_logits), args.sad_tau)
+            for name, value in losses.items():
+                meter.add(f"loss/{name}", value, len(labels))
+            meter.add_top1("train/top1", logits[0::4], labels)  # on the upright rows
             # --- END METHOD ---
-            meter.add("loss/ce", F.cross_entropy(upright_logits.detach(), labels), batch)  # monitored only
-            meter.add_sum("train/top1", 100.0 * common.accuracy_count(upright_logits, labels), batch)
-            images_seen += batch  # loader images, not the 4x rotated rows
+            meter.add("loss/ce", loss_ce, len(labels))
 
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir)
-        images_per_s = images_seen / (time.time() - epoch_start)
+        images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         result = common.evaluate(model, data, args.eval_batch_size, args.amp)
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
-            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
+            best_weights = common.model_payload(model, epoch + 1, result, args)
+            common.save_checkpoint(run_dir / "best.pth", best_weights)
         metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
         metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         # --- METHOD: the alpha of the epoch ---
         metrics["lsskd/alpha"] = alpha
         # --- END METHOD ---
         logger.log(epoch, metrics)
-        state = common.training_state(model, optimizer, epoch + 1, best, args)
-        # --- METHOD: the branches and the buffers are part of the training state ---
-        state["auxiliary_classifier"] = model_with_branches.auxiliary_classifier.state_dict()
-        state.update(final_predictions=final_buffer, aux_predictions=aux_buffer)
-        # --- END METHOD ---
+        state = common.training_state(model, optimizer, epoch + 1, best, args, trained_with)
         common.save_checkpoint(run_dir / "last.pth", state)
-        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+        common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     last = common.evaluate(model, data, args.eval_batch_size, args.amp)
     # --- METHOD: the heads' diagnostics (not used in training), recorded in summary.json ---
     heads = common.auxiliary_accuracy(model_with_branches, data, args.eval_batch_size, args.amp)
-    summary = {"arch": arch, "aux_ss_top1": heads["ss_top1"], "aux_class_top1": heads["class_top1"]}
+    summary = {"arch": args.model, "aux_ss_top1": heads["ss_top1"], "aux_class_top1": heads["class_top1"]}
     # --- END METHOD ---
     common.write_summary(run_dir, args, best, last, "lsskd", **summary)

@@ -1,16 +1,18 @@
 """Progressive Self-Knowledge Distillation (PS-KD) on CIFAR, with the official recipe.
 
-Paper: K. Kim, B. Ji, D. Yoon, S. Hwang, "Self-Knowledge Distillation with Progressive Refinement of Targets", ICCV
-2021, https://arxiv.org/abs/2006.12000. Reference code: lgcnsai/PS-KD-Pytorch@9aa0828 `main.py`,
-`loss/pskd_loss.py` (docs/pskd.md).
+Paper: K. Kim, B. Ji, D. Yoon, S. Hwang, "Self-Knowledge Distillation with Progressive Refinement of
+Targets", ICCV 2021, https://arxiv.org/abs/2006.12000. Reference code: lgcnsai/PS-KD-Pytorch@9aa0828
+`main.py`, `loss/pskd_loss.py` (docs/pskd.md).
 
-There is no teacher network: the model is its own teacher, one epoch in the past. A buffer keeps, for every training
-image (by dataset index), the softmax the model gave it in the previous epoch. An image's target is
-(1 - alpha_e) * onehot(y) + alpha_e * P[i], with alpha_e growing linearly to alpha_T = 0.8, and the loss is the
-cross-entropy with that soft target. Targets are built before the forward pass, the batch's buffer rows overwritten
-after the optimizer step; epoch-0 targets are exactly one-hot. Compared with kd.py: no teacher, one model (`--model`,
-default PreActResNet18), the buffer (in last.pth, so `--resume` is exact), soft-target CE instead of CE + KL, PS-KD's
-recipe (300 epochs, batch 128, lr 0.1 Nesterov, x0.1 at 150 and 225), CIFAR-10 normalisation, and test NLL and ECE.
+There is no teacher network: the model is its own teacher, one epoch in the past. A buffer keeps,
+for every training image (by dataset index), the softmax the model gave it in the previous epoch. An
+image's target is (1 - alpha_e) * onehot(y) + alpha_e * P[i], with alpha_e growing linearly to
+alpha_T = 0.8, and the loss is the cross-entropy with that soft target. Targets are built before the
+forward pass, the batch's buffer rows overwritten after the optimizer step; epoch-0 targets are
+exactly one-hot. Compared with kd.py: no teacher, one model (`--model`, default PreActResNet18), the
+buffer (in last.pth, so `--resume` is exact), soft-target CE instead of CE + KL, PS-KD's recipe (300
+epochs, batch 128, lr 0.1 Nesterov, x0.1 at 150 and 225), CIFAR-10 normalisation, and test NLL and
+ECE.
 
 Run: python pskd.py --model resnet18
 """
@@ -47,7 +49,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -65,7 +67,7 @@ class Args:
     """number of training epochs"""
     batch_size: int = 128
     """training batch size"""
-    learning_rate: float = 0.1
+    learning_rate: Optional[float] = None
     """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
     lr_milestones: Tuple[int, ...] = (150, 225)
     """0-based epochs at which the lr is multiplied by --lr-gamma"""
@@ -78,7 +80,7 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
     # PS-KD
     pskd: bool = True
     """PS-KD soft targets; false trains with plain cross-entropy and the same recipe (the baseline)"""
@@ -118,8 +120,8 @@ def soft_cross_entropy(logits, targets):
 
 
 def read_targets(predictions, sample_ids, labels, alpha, first_epoch):
-    """The batch's targets from its buffer rows, addressed by dataset index (not batch position).
-    In the first epoch the rows are first set to the one-hot labels, as the official code does, so
+    """The batch's targets from its buffer rows, addressed by dataset index (not batch position). In
+    the first epoch the rows are first set to the one-hot labels, as the official code does, so
     every epoch-0 target is exactly one-hot. predictions [N_train, C] -> targets [B, C] float32."""
     rows = sample_ids.to(predictions.device)
     if first_epoch:
@@ -128,27 +130,16 @@ def read_targets(predictions, sample_ids, labels, alpha, first_epoch):
 
 
 def record_predictions(predictions, sample_ids, logits):
-    """Overwrite the batch's buffer rows with its detached softmax (T = 1): next epoch's past predictions."""
+    """Overwrite the batch's buffer rows with its detached softmax (T = 1): next epoch's past
+    predictions."""
     probabilities = F.softmax(logits.detach().float(), dim=1)
     predictions[sample_ids.to(predictions.device)] = probabilities.to(predictions.device, predictions.dtype)
 
 
-def restore_predictions(predictions, checkpoint, path):
-    """Load the buffer saved in last.pth, so that a resumed run uses the same targets."""
-    saved = checkpoint.get("predictions")
-    if saved is None or saved.shape != predictions.shape:
-        found = "no prediction buffer" if saved is None else f"a buffer of shape {tuple(saved.shape)}"
-        raise common.ConfigError(
-            f"{path} holds {found}, but this run needs {tuple(predictions.shape)}: "
-            f"resume with the flags of the interrupted run (--pskd, --train-subset, --dataset)"
-        )
-    predictions.copy_(saved)
-
-
 def calibration_error(confidences, correct, bins=10):
-    """Expected calibration error in % (Guo et al. 2017): sum over equal-width confidence bins
-    (lower, upper] of (bin count / N) * |accuracy in bin - mean confidence in bin|.
-    confidences: max softmax probability [N]; correct: bool [N]."""
+    """Expected calibration error in % (Guo et al. 2017): sum over equal-width confidence bins (lower,
+    upper] of (bin count / N) * |accuracy in bin - mean confidence in bin|. confidences: max softmax
+    probability [N]; correct: bool [N]."""
     edges = torch.linspace(0, 1, bins + 1, device=confidences.device)
     bin_of = torch.bucketize(confidences, edges[1:-1])  # right-closed bins; 0 and 1 fall in the end bins
     # Per bin, sum(correct - confidence) = count * (accuracy - mean confidence); a one-hot matmul
@@ -166,18 +157,21 @@ def evaluate_calibrated(model, data, batch_size=128, amp=False, bins=10):
     for images, _ in common.test_batches(data, batch_size):
         with common.autocast(images.device, amp):
             chunks.append(model(images).float())
-    logits, labels = torch.cat(chunks), data.test_labels
-    top = logits.topk(min(5, data.num_classes), dim=1).indices
+    logits = torch.cat(chunks)
+    labels = data.test_labels
+    top1, top5 = common.topk_counts(logits, labels)
     confidences = F.softmax(logits, dim=1).max(dim=1).values
+    correct = logits.topk(1, dim=1).indices[:, 0] == labels
     return {
-        "top1": 100.0 * (top[:, 0] == labels).sum().item() / len(labels),
-        "top5": 100.0 * (top == labels[:, None]).any(dim=1).sum().item() / len(labels),
+        "top1": 100.0 * top1.item() / len(labels),
+        "top5": 100.0 * top5.item() / len(labels),
         "nll": F.cross_entropy(logits, labels).item(),
-        "ece": calibration_error(confidences, top[:, 0] == labels, bins),
+        "ece": calibration_error(confidences, correct, bins),
     }
 
 
 if __name__ == "__main__":
+    common.show_user_errors_plainly()
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
     # --- METHOD: PS-KD's name for its network is accepted too ---
@@ -189,33 +183,35 @@ if __name__ == "__main__":
     device = common.get_device(args.device)
     data = common.load_data(args, device)
     method_name = "pskd" if args.pskd else "pskd-off"  # the baseline's runs are told apart by name
-    run_dir = common.prepare_run_dir(args, f"{method_name}_{args.model}_{args.dataset}_seed{args.seed}")
+    run_name = f"{method_name}_{args.model}_{args.dataset}_seed{args.seed}"
+    run_dir = common.prepare_run_dir(args, run_name)
 
-    model = common.prepare_model(common.build_model(args.model, data.num_classes), device, args.amp)
-    optimizer = common.make_sgd(model.parameters(), args.learning_rate, args)
-    start_epoch, best, checkpoint = common.resume_state(run_dir, model, optimizer, args.resume, args)
-    # --- METHOD: the prediction buffer P [N_train, C], zeros at the start; saved in last.pth ---
+    model = common.build_model(args.model, data.num_classes)
+    model = common.prepare_model(model, device, args.amp)
+    # --- METHOD: PS-KD's lr is 0.1 for every network; the prediction buffer P [N_train, C], in last.pth ---
+    base_lr = 0.1 if args.learning_rate is None else args.learning_rate
+    optimizer = common.make_sgd(model.parameters(), base_lr, args)
     predictions = None
     if args.pskd:
         buffer_device = torch.device("cpu") if args.buffer_device == "cpu" else device
         predictions = torch.zeros(len(data.train_labels), data.num_classes, device=buffer_device)
-        if checkpoint is not None:
-            restore_predictions(predictions, checkpoint, run_dir / "last.pth")
+    trained_with = {"predictions": predictions}
     evaluate = evaluate_calibrated if args.log_calibration else common.evaluate
     # --- END METHOD ---
+    start_epoch, best, _ = common.resume_state(run_dir, model, optimizer, args.resume, args, trained_with)
     logger = common.Logger(run_dir, args, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
-        lr = common.lr_at_epoch(epoch, args.learning_rate, args.lr_milestones, args.lr_gamma)
+        lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
         # --- METHOD: one alpha for every batch of the epoch ---
         alpha = pskd_alpha(epoch, args.epochs, args.alpha_T)
         # --- END METHOD ---
         model.train()
-        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, sample_ids in common.train_batches(
-            data, args.batch_size, common.epoch_generator(args.seed, epoch)
-        ):
+        meter = common.Meter()
+        epoch_start = time.time()
+        generator = common.epoch_generator(args.seed, epoch)
+        for images, labels, sample_ids in common.train_batches(data, args.batch_size, generator):
             # --- METHOD: PS-KD, targets from last epoch's predictions, built before the forward pass ---
             if args.pskd:
                 targets = read_targets(predictions, sample_ids, labels, alpha, first_epoch=epoch == 0)
@@ -223,29 +219,27 @@ if __name__ == "__main__":
                 logits = model(images).float()
             loss_ce = F.cross_entropy(logits, labels)  # the optimised loss only with --pskd false
             loss = soft_cross_entropy(logits, targets) if args.pskd else loss_ce
-            if args.pskd:
-                meter.add("loss/pskd", loss, len(labels))
-            meter.add("loss/total", loss, len(labels))
             # --- END METHOD ---
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # --- METHOD: this iteration's predictions become the samples' rows ---
-            # After the step, as the official code does: pre-update weights, train mode, this epoch's augmentation.
+            # --- METHOD: after the step, as the official code: this iteration's predictions become the rows ---
             if args.pskd:
                 record_predictions(predictions, sample_ids, logits)
+                meter.add("loss/pskd", loss, len(labels))
+            meter.add("loss/total", loss, len(labels))
             # --- END METHOD ---
             meter.add("loss/ce", loss_ce, len(labels))
-            meter.add_sum("train/top1", 100.0 * common.accuracy_count(logits, labels), len(labels))
-            images_seen += len(labels)
+            meter.add_top1("train/top1", logits, labels)
 
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir)
-        images_per_s = images_seen / (time.time() - epoch_start)
+        images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         result = evaluate(model, data, args.eval_batch_size, args.amp)
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
-            common.save_checkpoint(run_dir / "best.pth", common.model_payload(model, epoch + 1, result, args))
+            best_weights = common.model_payload(model, epoch + 1, result, args)
+            common.save_checkpoint(run_dir / "best.pth", best_weights)
         metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
         metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         # --- METHOD: the alpha of the epoch and the calibration metrics the paper reports ---
@@ -254,12 +248,9 @@ if __name__ == "__main__":
             metrics["pskd/alpha"] = alpha
         # --- END METHOD ---
         logger.log(epoch, metrics)
-        state = common.training_state(model, optimizer, epoch + 1, best, args)
-        # --- METHOD: the prediction buffer is part of the training state ---
-        state["predictions"] = predictions
-        # --- END METHOD ---
+        state = common.training_state(model, optimizer, epoch + 1, best, args, trained_with)
         common.save_checkpoint(run_dir / "last.pth", state)
-        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+        common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     last = evaluate(model, data, args.eval_batch_size, args.amp)
     # --- METHOD: the calibration of the last and of the best epoch, recorded in summary.json ---

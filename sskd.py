@@ -46,7 +46,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (recorded in resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -77,22 +77,22 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset means CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
     # Teacher
     teacher: str = "resnet32x4"
     """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
-    """teacher checkpoint (formats: README.md); unset means the cached one, trained with baseline.py when missing"""
+    """teacher checkpoint (formats: README.md); unset: the cached one, trained by baseline.py if missing"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240
     """epochs of baseline.py training when the teacher has to be trained"""
     teacher_expected_acc: Optional[float] = None
-    """expected teacher test top-1; unset means the RepDistiller value for known CIFAR-100 teachers"""
+    """expected teacher test top-1; unset: RepDistiller's value for known CIFAR-100 teachers"""
     strict_teacher_check: bool = False
     """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
     allow_teacher_normalize_mismatch: bool = False
-    """use a teacher whose recorded --normalize differs from this run's (warn instead of refusing)"""
+    """use a teacher whose recorded --normalize differs from this run's (warn, do not refuse)"""
     # SSKD
     kd_T: float = 4.0
     """softmax temperature T of the distillation KL"""
@@ -113,22 +113,22 @@ class Args:
     ratio_ss: float = 0.75
     """fraction of teacher-wrong rotated rows kept in the ss term (best-ranked first)"""
     stable_sort: bool = True
-    """stable ranking: ties at the cut keep the lower row (SSKD: torch's sort, tie order unspecified) [INTERP]"""
+    """stable ranking: ties at the cut keep the lower row (SSKD: torch's sort, order unspecified) [INTERP]"""
     rotation_pipeline: Literal["sskd", "gpu"] = "sskd"
-    """sskd: flip, rotate, a crop per copy (cifar.py); gpu: crop+flip shared by the copies, then rotate [INTERP]"""
+    """sskd: flip, rotate, crop each copy (cifar.py); gpu: one crop+flip for the copies, then rotate [INTERP]"""
     # SSKD stage 2: the teacher's projection head
     teacher_head_path: Optional[str] = None
-    """trained head (ours, or SSKD's ckpt/teacher.pth); unset means the cached one, trained if missing [INTERP]"""
+    """trained head (ours or SSKD's ckpt/teacher.pth); unset: the cached one, trained if missing [INTERP]"""
     t_epochs: int = 60
     """epochs of teacher-head training (stage 2; --ce-teacher-epochs is the CE teacher's, stage 1)"""
     t_lr: float = 0.05
-    """lr of the head (its SGD takes the recipe's lr gamma, momentum, Nesterov, weight decay); the backbone is frozen"""
+    """lr of the head (its SGD takes the recipe's lr gamma, momentum, Nesterov, weight decay)"""
     t_milestones: Tuple[int, ...] = (30, 45)
     """0-based head epochs at which the head lr is multiplied by --lr-gamma"""
     head_T: float = 1.0
     """temperature of the head's contrastive cross-entropy (code: raw cosines; the paper has a tau)"""
     head_seed: int = 0
-    """seed of the head's initialisation and data order, fixed: one cached head serves every student seed [INTERP]"""
+    """seed of the head's initialisation and data order: one cached head serves every student seed [INTERP]"""
 
 
 def sskd_batches(data, args, generator):
@@ -188,28 +188,36 @@ def selective_transfer_mask(teacher_scores, target_columns, keep_ratio, stable_s
     return keep
 
 
+def kl_per_row(student_scores, teacher_scores, temperature):
+    """kd_loss of each row before the mean over rows: T^2 * KL(teacher_T || student_T) per row, [N, K] -> [N]."""
+    log_student = F.log_softmax(student_scores / temperature, dim=1)
+    teacher_probs = F.softmax(teacher_scores / temperature, dim=1)
+    return F.kl_div(log_student, teacher_probs, reduction="none").sum(dim=1) * temperature**2
+
+
+def mean_over_kept(values, keep):
+    """The mean of `values` over the rows selective transfer keeps (batchmean over the kept set |I|)."""
+    return (values * keep).sum() / keep.sum().clamp_min(1)
+
+
 def sskd_loss(student_logits, teacher_logits, student_similarity, teacher_similarity, labels, args):
-    """SSKD's student loss (student.py): logits [4B, C] in the rotation layout, similarities [3B, B], labels [B].
-    Returns ({"ce", "kd", "tf", "ss", "total"}: unweighted terms, weighted total; {"tf", "ss"}: kept rows [3B])."""
-
-    def kl_per_row(student_scores, teacher_scores, temperature):  # kd_loss of each row, before the mean: [N]
-        log_student = F.log_softmax(student_scores / temperature, dim=1)
-        teacher_probs = F.softmax(teacher_scores / temperature, dim=1)
-        return F.kl_div(log_student, teacher_probs, reduction="none").sum(dim=1) * temperature**2
-
-    mean_over_kept = lambda values, keep: (values * keep).sum() / keep.sum().clamp_min(1)  # batchmean over |I|
-
+    """SSKD's student loss (student.py): fp32 logits [4B, C] in the rotation layout, similarities [3B, B],
+    labels [B]. Returns ({"ce", "kd", "tf", "ss", "total"}: unweighted terms and the weighted total,
+    {"tf", "ss"}: the rotated rows [3B] each term keeps)."""
     student_upright, student_rotated = split_rotations(student_logits)  # [B, C], [3B, C]
     teacher_upright, teacher_rotated = split_rotations(teacher_logits)
     teacher_probs = F.softmax(teacher_rotated / args.tf_T, dim=1)
-    keep_tf = selective_transfer_mask(teacher_probs, labels.repeat_interleave(3), args.ratio_tf, args.stable_sort)
+    rotated_labels = labels.repeat_interleave(3)
+    keep_tf = selective_transfer_mask(teacher_probs, rotated_labels, args.ratio_tf, args.stable_sort)
     ss_columns = positive_columns(teacher_similarity)
     keep_ss = selective_transfer_mask(teacher_similarity, ss_columns, args.ratio_ss, args.stable_sort)
+    tf_rows = kl_per_row(student_rotated, teacher_rotated, args.tf_T)
+    ss_rows = kl_per_row(student_similarity, teacher_similarity.detach(), args.ss_T)
     terms = {
         "ce": F.cross_entropy(student_upright, labels),  # only upright copies carry the hard label
         "kd": kl_per_row(student_upright, teacher_upright, args.kd_T).mean(),
-        "tf": mean_over_kept(kl_per_row(student_rotated, teacher_rotated, args.tf_T), keep_tf),
-        "ss": mean_over_kept(kl_per_row(student_similarity, teacher_similarity.detach(), args.ss_T), keep_ss),
+        "tf": mean_over_kept(tf_rows, keep_tf),
+        "ss": mean_over_kept(ss_rows, keep_ss),
     }
     weights = {"ce": args.ce_weight, "kd": args.kd_weight, "tf": args.tf_weight, "ss": args.ss_weight}
     terms["total"] = sum(weights[name] * terms[name] for name in weights)
@@ -220,29 +228,31 @@ def sskd_loss(student_logits, teacher_logits, student_similarity, teacher_simila
 def ss_top1(model, head, data, batch_size, amp):
     """% of rotated test copies whose most similar upright copy in their batch is their own."""
     model.eval()
-    correct, rows = torch.zeros((), device=data.test_labels.device), 0
+    meter = common.Meter()
     for images, _ in common.test_batches(data, batch_size):
         with common.autocast(images.device, amp):
             feats, _ = model(common.rotations(images), is_feat=True)
             similarity = similarity_matrix(head(feats[-1]))
-        correct += common.accuracy_count(similarity, positive_columns(similarity))
-        rows += len(similarity)
-    return 100.0 * correct.item() / rows
+        meter.add_top1("ss_top1", similarity, positive_columns(similarity))
+    return meter.averages()["ss_top1"]
 
 
-def train_teacher_head(teacher, data, args, run_dir):
-    """Stage 2 (student.py, first loop): a fresh head on the frozen teacher (eval mode, backbone under no_grad: SSKD's
-    bb_grad=False), cross-entropy of cosines / head_T against each rotated row's own upright image.
-    Returns (head, its last test ss top-1)."""
+def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
+    """Stage 2 (student.py, first loop): a fresh head on the frozen teacher (eval mode, backbone under
+    no_grad: SSKD's bb_grad=False), cross-entropy of cosines / head_T against each rotated row's own
+    upright image. Saves the head, its recipe and its last test ss top-1 to `cache_path`."""
+    print(f"no teacher head at {cache_path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
     head = projection_head(teacher.feat_dim).to(data.test_labels.device)
     optimizer = common.make_sgd(head.parameters(), args.t_lr, args)
     teacher.eval()
-    logger = common.Logger(run_dir, args, file_name="head_metrics.jsonl", tracking=False)  # starts the file over
+    logger = common.Logger(run_dir, args, file_name="head_metrics.jsonl", tracking=False)  # a new file
     for epoch in range(args.t_epochs):
         lr = common.lr_at_epoch(epoch, args.t_lr, args.t_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
-        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, _ in sskd_batches(data, args, common.epoch_generator(args.head_seed, epoch)):
+        meter = common.Meter()
+        epoch_start = time.time()
+        generator = common.epoch_generator(args.head_seed, epoch)
+        for images, labels, _ in sskd_batches(data, args, generator):
             with common.autocast(images.device, args.amp):
                 with torch.no_grad():
                     feats, _ = teacher(images, is_feat=True)
@@ -253,37 +263,42 @@ def train_teacher_head(teacher, data, args, run_dir):
             loss.backward()
             optimizer.step()
             meter.add("loss/head", loss, len(similarity))
-            meter.add_sum("train/ss_top1", 100.0 * common.accuracy_count(similarity, positives), len(similarity))
-            images_seen += len(labels)
+            meter.add_top1("train/ss_top1", similarity, positives)
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir, "Lower --t-lr or turn off --amp, then rerun (the head restarts).")
-        seconds = time.time() - epoch_start
+        images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         test_ss = ss_top1(teacher, head, data, args.batch_size, args.amp)
-        metrics.update({"lr": lr, "test/ss_top1": test_ss, "speed/images_per_s": images_seen / seconds})
+        metrics.update({"lr": lr, "test/ss_top1": test_ss, "speed/images_per_s": images_per_s})
         logger.log(epoch, metrics)
-        common.print_epoch(epoch, args.t_epochs, metrics, seconds * (args.t_epochs - epoch - 1), stage="head epoch")
-    return head, test_ss
+        common.print_epoch(epoch, args.t_epochs, metrics, epoch_start, stage="head epoch")
+    recipe = {name: getattr(args, name) for name in HEAD_RECIPE}
+    payload = {"head": head.state_dict(), "arch": args.teacher, "feat_dim": teacher.feat_dim, "recipe": recipe}
+    payload.update(teacher_file=str(teacher_file), test_ss_top1=test_ss)
+    common.save_checkpoint(cache_path, payload)
 
 
-# Everything besides the teacher's weights that the trained head depends on.
 HEAD_RECIPE = ("dataset", "normalize", "train_subset", "batch_size", "t_epochs", "t_lr", "t_milestones", "lr_gamma")
 HEAD_RECIPE += ("momentum", "nesterov", "weight_decay", "head_T", "head_seed", "rotation_pipeline", "amp")
 
 
-def load_teacher_head(path, feat_dim):
-    """A head saved by this file ({"head": ...}) or SSKD's ckpt/teacher.pth (wrapper keys proj_head.*)."""
+def load_teacher_head(path, feat_dim, device):
+    """A head saved by this file ({"head": ...}) or SSKD's ckpt/teacher.pth (wrapper keys proj_head.*),
+    frozen, on `device`. Returns (head, its test ss top-1 when recorded)."""
     checkpoint = common.load_checkpoint(path, "teacher head", "If it is a cached head, delete it to train it again.")
     state = checkpoint.get("head")
     if state is None:  # SSKD's wrapper: the head's keys are proj_head.*
         wrapper = common.extract_state_dict(checkpoint).items()
         state = {key.removeprefix("proj_head."): value for key, value in wrapper if key.startswith("proj_head.")}
-    head = projection_head(feat_dim)
+    with torch.device("meta"):  # no initialisation (no random draw): every weight comes from the file
+        head = projection_head(feat_dim)
     try:
-        head.load_state_dict(state)
+        head.load_state_dict(state, assign=True)
     except RuntimeError as error:
         message = f"{path} holds no projection head for a {feat_dim}-d feature (check --teacher)"
         raise common.ConfigError(f"{message}: {str(error).splitlines()[0]}") from None
-    return head, checkpoint.get("test_ss_top1")
+    test_ss = checkpoint.get("test_ss_top1")
+    print(f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""), flush=True)
+    return head.to(device).eval().requires_grad_(False), test_ss
 
 
 def teacher_head_cache_path(args, teacher_file):
@@ -293,104 +308,89 @@ def teacher_head_cache_path(args, teacher_file):
     return teacher_cache.with_name(f"{teacher_cache.stem}_sskd_head_e{args.t_epochs}_{digest}.pth")
 
 
-def get_teacher_head(teacher, teacher_file, data, args, run_dir):
-    """Stage 2: --teacher-head-path, else the cached head, else train one and cache it, on its own random stream
-    (--head-seed, so the student's initialisation does not change). Returns (frozen head, its file, test ss top-1)."""
-
-    def train_head(path):
-        print(f"no teacher head at {path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
-        head, test_ss = train_teacher_head(teacher, data, args, run_dir)
-        recipe = {name: getattr(args, name) for name in HEAD_RECIPE}
-        payload = {"head": head.state_dict(), "arch": args.teacher, "feat_dim": teacher.feat_dim, "recipe": recipe}
-        common.save_checkpoint(path, payload | {"teacher_file": str(teacher_file), "test_ss_top1": test_ss})
-
-    with torch.random.fork_rng(devices=[]):  # heads are built on the CPU; the data has its own generators
-        torch.default_generator.manual_seed(args.head_seed)
-        path = common.cached_stage(args.teacher_head_path, teacher_head_cache_path(args, teacher_file), train_head)
-        head, test_ss = load_teacher_head(path, teacher.feat_dim)
-    print(f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""), flush=True)
-    return head.to(data.test_labels.device).eval().requires_grad_(False), path, test_ss
-
-
 if __name__ == "__main__":
+    common.show_user_errors_plainly()
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "sskd")
     common.check_architectures(args.teacher, args.student)
-    # --- METHOD: the selective-transfer fractions, checked before any work ---
-    if not (0.0 <= args.ratio_tf <= 1.0 and 0.0 <= args.ratio_ss <= 1.0):
-        raise common.ConfigError("--ratio-tf and --ratio-ss are fractions of teacher-wrong rows: use values in [0, 1]")
-    # --- END METHOD ---
     common.print_config(args, "sskd")
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    run_dir = common.prepare_run_dir(args, f"sskd_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}")
+    run_name = f"sskd_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
+    run_dir = common.prepare_run_dir(args, run_name)
 
-    # --- METHOD: stage 1, the frozen teacher (evaluated before stage 2); stage 2, its head ---
+    # --- METHOD: stage 1, the frozen teacher (evaluated first); stage 2, its head: given, cached, or trained ---
     teacher, teacher_result = common.load_teacher(args, data, device)
-    teacher_head, head_file, head_test_ss = get_teacher_head(teacher, teacher_result["file"], data, args, run_dir)
+    head_file = common.cached_stage(
+        args.teacher_head_path,
+        teacher_head_cache_path(args, teacher_result["file"]),
+        lambda cache_path: train_teacher_head(cache_path, teacher, teacher_result["file"], data, args, run_dir),
+        seed=args.head_seed,  # one head serves every student seed
+    )
+    teacher_head, head_test_ss = load_teacher_head(head_file, teacher.feat_dim, device)
     # --- END METHOD ---
-    student = common.prepare_model(common.build_model(args.student, data.num_classes), device, args.amp)
-    # --- METHOD: the student's projection head is trained with it ---
-    student_head = projection_head(student.feat_dim).to(device)
+    student = common.build_model(args.student, data.num_classes)
+    student = common.prepare_model(student, device, args.amp)
     base_lr = common.default_lr(args.student, args.learning_rate)
-    optimizer = common.make_sgd([*student.parameters(), *student_head.parameters()], base_lr, args)  # not the teacher
+    # --- METHOD: the student's projection head is trained, saved and resumed with it ---
+    student_head = projection_head(student.feat_dim).to(device)
+    optimizer = common.make_sgd([*student.parameters(), *student_head.parameters()], base_lr, args)
+    trained_with = {"student_head": student_head}  # saved in last.pth and resumed with the student
     # --- END METHOD ---
-    start_epoch, best, checkpoint = common.resume_state(run_dir, student, optimizer, args.resume, args)
-    # --- METHOD: the student's head is part of the training state ---
-    if checkpoint:
-        student_head.load_state_dict(checkpoint["student_head"])
-    # --- END METHOD ---
+    start_epoch, best, _ = common.resume_state(run_dir, student, optimizer, args.resume, args, trained_with)
     logger = common.Logger(run_dir, args, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
         lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
         student.train()
-        meter, images_seen, epoch_start = common.Meter(), 0, time.time()
-        for images, labels, _ in sskd_batches(data, args, common.epoch_generator(args.seed, epoch)):
-            # --- METHOD: SSKD, four rotated copies per image through both networks and heads ---
+        meter = common.Meter()
+        epoch_start = time.time()
+        generator = common.epoch_generator(args.seed, epoch)
+        for images, labels, _ in sskd_batches(data, args, generator):
+            # --- METHOD: SSKD, four rotated copies through both networks and heads ---
             with common.autocast(device, args.amp):
                 student_feats, student_logits = student(images, is_feat=True)
-                student_similarity = similarity_matrix(student_head(student_feats[-1]))  # [3B, B]
+                student_logits = student_logits.float()
+                student_similarity = similarity_matrix(student_head(student_feats[-1]))  # [3B, B], fp32
                 with torch.no_grad():
                     teacher_feats, teacher_logits = teacher(images, is_feat=True)
+                    teacher_logits = teacher_logits.float()
                     teacher_similarity = similarity_matrix(teacher_head(teacher_feats[-1]))
             losses, kept = sskd_loss(
-                student_logits.float(), teacher_logits.float(), student_similarity, teacher_similarity, labels, args
-            )  # the logits are bf16 under --amp, the similarities always fp32
-            loss_ce, loss = losses["ce"], losses["total"]
-            for term in ("kd", "tf", "ss", "total"):
-                meter.add(f"loss/{term}", losses[term], len(labels))
-            ss_correct = common.accuracy_count(student_similarity, positive_columns(student_similarity))
-            meter.add_sum("train/ss_top1", 100.0 * ss_correct, len(student_similarity))
-            for term, keep in kept.items():  # % of the rotated rows selective transfer keeps in the tf and ss terms
-                meter.add_sum(f"train/kept_{term}", 100.0 * keep.sum(), len(keep))
-            upright_logits = split_rotations(student_logits)[0]  # train/top1 on the upright copies
+                student_logits, teacher_logits, student_similarity, teacher_similarity, labels, args
+            )
+            loss_ce = losses["ce"]
+            loss = losses["total"]
             # --- END METHOD ---
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # --- METHOD: SSKD's training metrics: its terms, the similarity task, the rows kept ---
+            for term in ("kd", "tf", "ss", "total"):
+                meter.add(f"loss/{term}", losses[term], len(labels))
+            meter.add_top1("train/ss_top1", student_similarity, positive_columns(student_similarity))
+            meter.add_sum("train/kept_tf", 100.0 * kept["tf"].sum(), len(kept["tf"]))
+            meter.add_sum("train/kept_ss", 100.0 * kept["ss"].sum(), len(kept["ss"]))
+            meter.add_top1("train/top1", split_rotations(student_logits)[0], labels)  # on the upright copies
+            # --- END METHOD ---
             meter.add("loss/ce", loss_ce, len(labels))
-            meter.add_sum("train/top1", 100.0 * common.accuracy_count(upright_logits, labels), len(labels))
-            images_seen += len(labels)  # loader images, each seen in four copies
 
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir)
-        images_per_s = images_seen / (time.time() - epoch_start)
+        images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         result = common.evaluate(student, data, args.eval_batch_size, args.amp)
         if result["top1"] > best["top1"]:
             best = {**result, "epoch": epoch}
-            common.save_checkpoint(run_dir / "best.pth", common.model_payload(student, epoch + 1, result, args))
+            best_weights = common.model_payload(student, epoch + 1, result, args)
+            common.save_checkpoint(run_dir / "best.pth", best_weights)
         metrics.update({"lr": lr, "test/top1": result["top1"], "test/top5": result["top5"]})
         metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         logger.log(epoch, metrics)
-        state = common.training_state(student, optimizer, epoch + 1, best, args)
-        # --- METHOD: the student's head is part of the training state ---
-        state["student_head"] = student_head.state_dict()
-        # --- END METHOD ---
+        state = common.training_state(student, optimizer, epoch + 1, best, args, trained_with)
         common.save_checkpoint(run_dir / "last.pth", state)
-        common.print_epoch(epoch, args.epochs, metrics, (time.time() - epoch_start) * (args.epochs - epoch - 1))
+        common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     last = common.evaluate(student, data, args.eval_batch_size, args.amp)
     # --- METHOD: the teacher and its head, recorded in summary.json ---

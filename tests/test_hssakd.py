@@ -322,27 +322,22 @@ def test_branch_accuracy_counts_joint_and_summed_class_predictions():
 def test_stage1_cache_name_tracks_teacher_file_and_recipe_but_not_the_student_seed(tmp_path):
     ce_file = tmp_path / "resnet56.pth"
     ce_file.write_bytes(b"teacher one")
-    args = Args(checkpoint_dir=str(tmp_path))
-    path = stage1_cache_path(args, "resnet56", ce_file)
+    args = Args(teacher="resnet56", checkpoint_dir=str(tmp_path))
+    path = stage1_cache_path(args, ce_file)
     assert path.parent == tmp_path / "cifar100" and path.name.startswith("resnet56_aux_frozen_e100_")
-    assert stage1_cache_path(dataclasses.replace(args, seed=7, epochs=3), "resnet56", ce_file) == path
-    assert stage1_cache_path(dataclasses.replace(args, teacher_lr=0.1), "resnet56", ce_file) != path
-    assert stage1_cache_path(dataclasses.replace(args, teacher_milestones=(40,)), "resnet56", ce_file) != path
+    assert stage1_cache_path(dataclasses.replace(args, seed=7, epochs=3), ce_file) == path
+    assert stage1_cache_path(dataclasses.replace(args, teacher_lr=0.1), ce_file) != path
+    assert stage1_cache_path(dataclasses.replace(args, teacher_milestones=(40,)), ce_file) != path
     ce_file.write_bytes(b"teacher two")
-    assert stage1_cache_path(args, "resnet56", ce_file) != path
-    joint = stage1_cache_path(dataclasses.replace(args, teacher_mode="joint"), "resnet56", None)
+    assert stage1_cache_path(args, ce_file) != path
+    joint = stage1_cache_path(dataclasses.replace(args, teacher_mode="joint"), None)
     assert joint.name.startswith("resnet56_aux_joint_e240_")
 
 
 def test_defaults_follow_the_hsakd_recipe():
     args = Args()
     assert (args.nesterov, args.momentum, args.weight_decay, args.batch_size, args.epochs) == (True, 0.9, 5e-4, 64, 240)
-    assert (args.kd_T, args.teacher_mode, args.teacher_ckpt, args.mbv2_variant) == (
-        3.0,
-        "frozen",
-        "last",
-        "repdistiller",
-    )
+    assert (args.kd_T, args.teacher_mode, args.teacher_ckpt) == (3.0, "frozen", "last")
     assert args.lr_milestones == (150, 180, 210) and args.teacher_lr == 0.05 and args.student_aux_ce_weight == 0.0
     assert common.default_lr("ShuffleV2") == 0.01 and common.default_lr("resnet20") == 0.05
 

@@ -103,11 +103,9 @@ def test_cached_stage_file_names_are_those_of_earlier_releases(tmp_path):
     )
     assert sskd.teacher_head_cache_path(reduced, teacher_file).name == "resnet56_e2_n500_sskd_head_e30_8f41fa8d1c.pth"
     stage1_args = hssakd.Args(teacher="resnet56", student="resnet20", normalize="repdistiller", checkpoint_dir="ckpt")
-    frozen = hssakd.stage1_cache_path(stage1_args, "resnet56", teacher_file)
+    frozen = hssakd.stage1_cache_path(stage1_args, teacher_file)
     assert frozen.name == "teacher_aux_frozen_e100_43b1b9f3.pth"
-    joint = hssakd.stage1_cache_path(
-        dataclasses.replace(stage1_args, teacher_mode="joint", train_subset=256), "resnet56", None
-    )
+    joint = hssakd.stage1_cache_path(dataclasses.replace(stage1_args, teacher_mode="joint", train_subset=256), None)
     assert joint.name == "resnet56_n256_aux_joint_e240_066f0e77.pth"
     ce_args = dataclasses.replace(stage1_args, ce_teacher_epochs=3, train_subset=64, normalize="cifar10")
     assert common.teacher_cache_path(ce_args).name == "resnet56_e3_n64_norm-cifar10.pth"

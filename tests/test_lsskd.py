@@ -28,7 +28,6 @@ from lsskd import (
     progressive_targets,
     read_targets,
     record_predictions,
-    restore_buffer,
     soft_cross_entropy,
 )
 
@@ -115,11 +114,11 @@ def test_recorded_rows_are_detached_tempered_softmax_at_the_sample_ids():
 
 def test_restoring_buffers_of_another_run_says_what_to_do():
     buffer = torch.zeros(4, 3, 4, 400, dtype=torch.float16)
-    restore_buffer(buffer, {"aux_predictions": torch.ones(4, 3, 4, 400, dtype=torch.float16)}, "aux_predictions", "x")
+    common._restore(buffer, torch.ones(4, 3, 4, 400, dtype=torch.float16), "aux_predictions", "x")
     assert (buffer == 1).all()
     for saved in (None, torch.zeros(4, 3, 4, 400), torch.zeros(8, 3, 4, 400, dtype=torch.float16)):
         with pytest.raises(common.ConfigError, match="resume with the flags of the interrupted run"):
-            restore_buffer(buffer, {"aux_predictions": saved}, "aux_predictions", "last.pth")
+            common._restore(buffer, saved, "aux_predictions", "last.pth")
 
 
 # ---- loss terms ----

@@ -20,7 +20,6 @@ from pskd import (
     pskd_alpha,
     read_targets,
     record_predictions,
-    restore_predictions,
     soft_cross_entropy,
 )
 
@@ -141,11 +140,12 @@ def test_recorded_predictions_are_detached_probabilities_in_the_buffer_dtype():
 def test_restoring_a_buffer_of_another_run_says_what_to_do():
     predictions = torch.zeros(4, 3)
     with pytest.raises(common.ConfigError, match="--train-subset"):
-        restore_predictions(predictions, {"predictions": torch.zeros(5, 3)}, "runs/x/last.pth")
-    with pytest.raises(common.ConfigError, match="no prediction buffer"):
-        restore_predictions(predictions, {"predictions": None}, "runs/x/last.pth")
-    restore_predictions(predictions, {"predictions": torch.full((4, 3), 0.5)}, "runs/x/last.pth")
+        common._restore(predictions, torch.zeros(5, 3), "predictions", "runs/x/last.pth")
+    with pytest.raises(common.ConfigError, match="holds predictions none"):
+        common._restore(predictions, None, "predictions", "runs/x/last.pth")
+    common._restore(predictions, torch.full((4, 3), 0.5), "predictions", "runs/x/last.pth")
     assert torch.equal(predictions, torch.full((4, 3), 0.5))
+    common._restore(None, torch.ones(2), "predictions", "runs/x/last.pth")  # --pskd false: nothing to restore
 
 
 # ---- PS-KD's PreActResNet18 (PS-KD's models/preact_resnet.py) ----

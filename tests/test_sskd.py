@@ -274,12 +274,12 @@ def test_teacher_head_loads_from_sskd_wrapper_checkpoints_and_rejects_wrong_size
         }
     }  # SSKD's ckpt/teacher.pth
     torch.save(wrapper, tmp_path / "teacher.pth")
-    loaded, _ = sskd.load_teacher_head(tmp_path / "teacher.pth", 64)
+    loaded, _ = sskd.load_teacher_head(tmp_path / "teacher.pth", 64, "cpu")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in head.state_dict().items())
     with pytest.raises(common.ConfigError, match="128-d"):
-        sskd.load_teacher_head(tmp_path / "teacher.pth", 128)
+        sskd.load_teacher_head(tmp_path / "teacher.pth", 128, "cpu")
     with pytest.raises(common.ConfigError, match="does not exist"):
-        sskd.load_teacher_head(tmp_path / "missing.pth", 64)
+        sskd.load_teacher_head(tmp_path / "missing.pth", 64, "cpu")
 
 
 def test_head_cache_sits_beside_the_teacher_and_changes_with_teacher_and_recipe(tmp_path):
@@ -356,7 +356,10 @@ def test_head_stage_changes_only_the_head(cifar_dir, tmp_path):
     torch.manual_seed(0)
     initial_head = projection_head(64).state_dict()
     torch.manual_seed(0)  # train_teacher_head builds its head first: the same initial weights
-    head, test_ss = sskd.train_teacher_head(teacher, data, args, tmp_path)
+    sskd.train_teacher_head(tmp_path / "head.pth", teacher, tmp_path / "teacher.pth", data, args, tmp_path)
+    saved = torch.load(tmp_path / "head.pth", weights_only=True)
+    head, test_ss = projection_head(64), saved["test_ss_top1"]
+    head.load_state_dict(saved["head"])
     after = teacher.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before), "teacher weights or BN stats changed"
     assert all(p.grad is None for p in teacher.parameters())

@@ -43,7 +43,7 @@ def test_published_presets_follow_the_tables_pairs_with_three_seeds(tmp_path):
     hssakd = run_sweep("--preset", "hssakd-cifar100", "--dry-run", cwd=tmp_path).stdout.splitlines()
     assert len(hssakd) == 8 * 2 * 3  # HSAKD (frozen) and HSAKD* (joint) for every pair
     mobile = [line for line in hssakd if "--student MobileNetV2" in line]
-    assert mobile and all("--mbv2-variant hsakd" in line for line in mobile)
+    assert mobile and all("--student MobileNetV2_hsakd " in line for line in mobile)  # HSAKD's stride-1 network
     every = run_sweep("--preset", "cifar100-all", "--dry-run", cwd=tmp_path).stdout.splitlines()
     assert len(every) == len(kd) + len(hssakd) + 11 * 3 + 1 * 3
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 import common
 
+METHOD_NAME = "baseline"  # in run folder names, the config line and summary.json
+
 
 @dataclass
 class Args:
@@ -26,7 +28,7 @@ class Args:
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -42,7 +44,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -73,7 +75,7 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
     # Teacher
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
@@ -90,7 +92,7 @@ if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.model)
-    common.print_config(args, "baseline")
+    common.print_config(args, METHOD_NAME)
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
@@ -102,7 +104,7 @@ if __name__ == "__main__":
         print(f"{args.model} from {args.eval_checkpoint}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}")
         raise SystemExit(0)
 
-    run_name = f"baseline_{args.model}_{args.dataset}_seed{args.seed}"
+    run_name = f"{METHOD_NAME}_{args.model}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
     model = common.build_model(args.model, data.num_classes)
     model = common.prepare_model(model, device, args.amp)
@@ -147,7 +149,7 @@ if __name__ == "__main__":
         common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     last = common.evaluate(model, data, args.eval_batch_size, args.amp)
-    common.write_summary(run_dir, args, best, last, "baseline")
+    common.write_summary(run_dir, args, best, last, METHOD_NAME)
     if args.cache_as_teacher:  # the name kd.py's --ce-teacher-epochs/--train-subset/--normalize look up
         teacher_args = SimpleNamespace(
             teacher=args.model,

@@ -1115,8 +1115,11 @@ def default_lr(arch, learning_rate=None):
     return 0.01 if arch in SMALL_LR_MODELS else 0.05
 
 
-def lr_at_epoch(epoch, base_lr, milestones, gamma):
-    """MultiStepLR semantics with 0-based epochs: lr * gamma^#{m in milestones : m <= epoch}."""
+def lr_at_epoch(epoch, base_lr, milestones, gamma, warmup_epochs=0):
+    """MultiStepLR semantics with 0-based epochs: lr * gamma^#{m in milestones : m <= epoch}. With a
+    linear per-epoch warm-up (CSS's train.py), epoch e < warmup_epochs uses lr * (e + 1) / warmup_epochs."""
+    if epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
     return base_lr * gamma ** sum(epoch >= m for m in milestones)
 
 

@@ -1,14 +1,16 @@
 """CSS: Channel Self-Supervision for Online Knowledge Distillation (two networks, no teacher).
 
-Paper: S. Fan, X. Cheng, X. Wang, C. Yang, P. Deng, M. Liu, J. Deng, M. Liu, arXiv 2203.11660 (2022),
-https://arxiv.org/abs/2203.11660. Followed: PumpkinsLemon/CSS@7b5c928 `resnet_css.py`, `train.py` (docs/css.md).
+Paper: S. Fan, X. Cheng, X. Wang, C. Yang, P. Deng, M. Liu, J. Deng, M. Liu, arXiv 2203.11660
+(2022), https://arxiv.org/abs/2203.11660. Code followed: PumpkinsLemon/CSS@7b5c928
+`resnet_css.py`, `train.py` (docs/css.md).
 
-Two multi-branch networks (a shared stem, layer1 and layer2, then 3 branches with their own layer3 and classifier)
-train together from scratch. Each branch sees the shared map with a different corner zeroed, also at test time, and
-learns a joint label: class y seen by branch i is y*3 + i of a 300-way head. Branch i of each network learns the
-partner's branch i's softened distribution (T = 3), each KD term weighted by the ratio of the networks' CEs, so the
-worse network learns more. A network predicts class c by averaging branch i's logit for c*3 + i over its branches.
-Compared with kd.py: no teacher, two networks and optimizers, masks, joint labels, a warm-up, three test accuracies.
+Two multi-branch networks (shared stem, layer1 and layer2; 3 branches, each with its own layer3
+and classifier) train together from scratch. Each branch sees the shared map with another corner
+zeroed, also at test time, and learns a joint label: class y seen by branch i is y*3 + i of a
+300-way head. Branch i of each network learns its partner's branch i's softened distribution
+(T = 3), each KD term weighted by the ratio of the networks' CEs: the worse network learns more.
+A network predicts class c by averaging branch i's logit for c*3 + i. Compared with kd.py: no
+teacher, two networks and optimizers, masks, joint labels, a warm-up, three test accuracies.
 
 Run: python css.py --model-t css_resnet110 --model-s css_resnet56
 """
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 
 import common
 
+METHOD_NAME = "css"  # in run folder names, the config line and summary.json
+
 
 @dataclass
 class Args:
@@ -30,7 +34,7 @@ class Args:
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -46,7 +50,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -59,7 +63,7 @@ class Args:
     """W&B project name, with --track"""
     # Recipe
     model_t: str = "css_resnet110"
-    """first network, net1 (the larger of the paper's pair; it learns too): css_resnet56/110/wide_resnet20_8"""
+    """first network, net1 (the larger; it learns too): css_resnet56/110/wide_resnet20_8"""
     model_s: str = "css_resnet56"
     """second network, net2: its accuracy is the primary test/top1"""
     epochs: int = 300
@@ -79,7 +83,7 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
     # CSS
     kd_T: float = 3.0
     """softmax temperature T of the distillation KL"""
@@ -88,23 +92,23 @@ class Args:
     branches: int = 3
     """branches per network (n_b); joint label space num_classes * n_b"""
     detach_kd_target: bool = False
-    """stop the gradient through each KD term's target; false (train.py) lets both KD terms train both networks"""
+    """stop the gradient through each KD target; false (train.py): KD trains both networks"""
     detach_ratio: bool = False
-    """CE-ratio weights alpha1, alpha2 as constants; false (train.py) passes their gradient to both CEs"""
+    """CE-ratio weights alpha1, alpha2 as constants; false (train.py): they pass gradients"""
     mask: Literal["corners", "none"] = "corners"
     """[INTERP] feature-level transformation: corner masks per branch, or none (ablation)"""
     literal_mask3: bool = False
-    """[INTERP] branch 3 (only with --branches >= 4) zeroes one column, the code's bug, not the top-right block"""
+    """[INTERP] branch 3 (--branches >= 4) zeroes one column (the code's bug), not a block"""
     log_diversity: bool = False
     """[INTERP] log OKDDip's branch diversity on the test set every epoch"""
     log_branch_top1: bool = True
-    """[INTERP] also log each branch's test top-1 on its own slot (a diagnostic; no effect on training)"""
+    """[INTERP] also log each branch's test top-1 on its own slot (a diagnostic)"""
     distill: bool = True
-    """false drops both KD terms: each network trains alone on its joint-label CE (the CE-only baseline)"""
+    """false drops both KD terms: each network trains alone on its joint-label CE (the baseline)"""
 
 
 class CssBottleneck(nn.Module):
-    """torchvision's Bottleneck as resnet_css.py uses it: expansion 4, stride in the 3x3, projection `downsample`."""
+    """torchvision's Bottleneck as resnet_css.py uses it: expansion 4, stride in the 3x3."""
 
     expansion, width_factor = 4, 1  # inner width = planes * width_factor
 
@@ -130,10 +134,9 @@ class CssWideBottleneck(CssBottleneck):
 
 
 class CssMultiBranchResNet(nn.Module):
-    """resnet_css.py's multi-branch ResNet (depth 9n + 2): stem, layer1 and layer2 shared, then per branch i its own
-    `layer3_i` and `classifier3_i` Linear(256, num_classes * branches). forward(x, branch_masks) -> [N, C * n_b,
-    n_b], column i = branch i's logits; branch i's layer3 sees the layer2 map times branch_masks[i] (None:
-    unmasked)."""
+    """resnet_css.py's multi-branch ResNet (depth 9n + 2): stem, layer1, layer2 shared; per branch i
+    its `layer3_i` and `classifier3_i` Linear(256, C * n_b). forward(x, branch_masks) -> [N, C*n_b, n_b]:
+    column i = branch i's logits; its layer3 sees the layer2 map times branch_masks[i] (or all)."""
 
     def __init__(self, blocks_per_stage, num_classes, branches=3, block=CssBottleneck):
         super().__init__()
@@ -150,7 +153,7 @@ class CssMultiBranchResNet(nn.Module):
     def forward(self, x, branch_masks=None):
         shared = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))  # [N, 128, 16, 16]
         if branch_masks is not None and branch_masks.shape[-2:] != shared.shape[-2:]:
-            raise ValueError(f"branch masks are {tuple(branch_masks.shape[-2:])}, the map {tuple(shared.shape[-2:])}")
+            raise ValueError(f"{tuple(branch_masks.shape)} masks for a {tuple(shared.shape)} map")
         outputs = []
         for i in range(self.branches):
             branch_input = shared if branch_masks is None else shared * branch_masks[i].to(shared.dtype)
@@ -159,30 +162,23 @@ class CssMultiBranchResNet(nn.Module):
         return torch.stack(outputs, dim=2)
 
 
-CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck)}  # name: (blocks, block)
-CSS_RESNETS["css_wide_resnet20_8"] = (2, CssWideBottleneck)  # resnet_css.py's resnet56, resnet110, wide_resnet20_8
-CSS_KIND = "CSS multi-branch network; the zoo's resnet56/110 are single-branch"  # how a wrong name is refused
+# resnet_css.py's resnet56, resnet110 and wide_resnet20_8: (blocks per stage, block)
+CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck)}
+CSS_RESNETS["css_wide_resnet20_8"] = (2, CssWideBottleneck)
+CSS_KIND = "CSS multi-branch network; the zoo's resnet56/110 are single-branch"
 
 
 def build_css_resnet(name, num_classes, branches=3):
-    """A CSS multi-branch network by name, with any number of branches."""
+    """A CSS multi-branch network by name, any number of branches."""
     common.check_architectures(name, valid=tuple(CSS_RESNETS), kind=CSS_KIND)
     model = CssMultiBranchResNet(CSS_RESNETS[name][0], num_classes, branches, CSS_RESNETS[name][1])
     model.arch, model.num_classes = name, num_classes
     return model
 
 
-def lr_with_warmup(epoch, base_lr, milestones, gamma, warmup_epochs):
-    """train.py's schedule: 0-based epoch e < warmup_epochs uses base_lr * (e + 1) / warmup_epochs, then `lr_at_epoch`
-    (5 epochs: 0.2, 0.4, ..., 1.0 times base_lr)."""
-    if epoch < warmup_epochs:
-        return base_lr * (epoch + 1) / warmup_epochs
-    return common.lr_at_epoch(epoch, base_lr, milestones, gamma)
-
-
 def branch_mask(branch, height, width, literal_mask3=False):
-    """CSS's feature-level transformation (resnet_css.py `transform`): an [H, W] map of ones with one s x s corner
-    zeroed, s = H // 4: branch 0 top-left, 1 bottom-right, 2 bottom-left, 3 top-right; 4 and on unmasked."""
+    """CSS's feature-level transformation (resnet_css.py `transform`): [H, W] ones, one s x s corner
+    zeroed, s = H // 4: branch 0 top-left, 1 bottom-right, 2 bottom-left, 3 top-right; 4+ unmasked."""
     size = height // 4
     mask = torch.ones(height, width)
     if branch == 0:
@@ -198,26 +194,26 @@ def branch_mask(branch, height, width, literal_mask3=False):
     return mask
 
 
-def branch_masks(kind, branches, height, width, literal_mask3=False):
-    """All branches' masks [n_b, H, W] (multiplied into the layer2 map, every channel), or None for --mask none."""
+def branch_masks(kind, branches, height, width, literal_mask3=False, device="cpu"):
+    """All branches' masks [n_b, H, W] (times the layer2 map), or None for --mask none."""
     if kind == "none":
         return None
-    return torch.stack([branch_mask(i, height, width, literal_mask3) for i in range(branches)])
+    return torch.stack([branch_mask(i, height, width, literal_mask3) for i in range(branches)]).to(device)
 
 
 def branch_joint_labels(labels, branches):
-    """Augmented labels: branch i learns y * n_b + i (class-major joint space). [N] -> [N, n_b]."""
+    """Augmented labels: branch i learns y * n_b + i (class-major). [N] -> [N, n_b]."""
     return labels[:, None] * branches + torch.arange(branches, device=labels.device)
 
 
 def branch_ce_loss(branch_logits, labels):
-    """CE_n = (1/n_b) sum_i CE(z_i, y * n_b + i), batch means; [N, C*n_b, n_b] (K-dim CE: the same mean)."""
+    """CE_n = (1/n_b) sum_i CE(z_i, y * n_b + i), batch means; [N, C*n_b, n_b] (a K-dim CE)."""
     return F.cross_entropy(branch_logits, branch_joint_labels(labels, branch_logits.shape[2]))
 
 
 def branch_kd_loss(learner_logits, target_logits, temperature):
-    """T^2 * (1/n_b) sum_i KL(softmax(target_i / T) || softmax(learner_i / T)), batchmean, over the C*n_b-way
-    distributions of same-numbered branches; [N, C*n_b, n_b]. The target is used as given (--detach-kd-target)."""
+    """T^2 * (1/n_b) sum_i KL(softmax(target_i / T) || softmax(learner_i / T)), batchmean, over the
+    C*n_b-way distributions of same-numbered branches [N, C*n_b, n_b]; the target is used as given."""
     log_learner = F.log_softmax(learner_logits / temperature, dim=1)
     target_probs = F.softmax(target_logits / temperature, dim=1)
     rows, _, branches = learner_logits.shape
@@ -225,8 +221,8 @@ def branch_kd_loss(learner_logits, target_logits, temperature):
 
 
 def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, detach_ratio=False):
-    """train.py: L = [CE_t + alpha1 * KD_(t<-s)] + [CE_s + alpha2 * KD_(s<-t)], alpha1 = CE_t / CE_s = 1 / alpha2. By
-    default nothing is detached, as there: targets and ratios get gradients too. Returns (total, terms)."""
+    """train.py: L = [CE_t + alpha1 * KD_(t<-s)] + [CE_s + alpha2 * KD_(s<-t)], alpha1 = CE_t / CE_s =
+    1 / alpha2; by default, as there, targets and ratios get gradients too. Returns (total, terms)."""
     ce_t, ce_s = branch_ce_loss(logits_t, labels), branch_ce_loss(logits_s, labels)
     target_t = logits_t.detach() if detach_kd_target else logits_t
     target_s = logits_s.detach() if detach_kd_target else logits_s
@@ -240,9 +236,9 @@ def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, de
 
 
 def own_slot_logits(branch_logits):
-    """Branch i's C logits of its own slot: [N, C*n_b, n_b] -> [N, C, n_b], [n, c, i] = z_i[n, c * n_b + i]."""
+    """Branch i's logits of its own slot: [N, C*n_b, n_b] -> [N, C, n_b], [n, c, i] = z_i[n, c*n_b+i]."""
     rows, joint, branches = branch_logits.shape
-    by_slot = branch_logits.reshape(rows, joint // branches, branches, branches)  # [N, C, slot, branch]
+    by_slot = branch_logits.reshape(rows, joint // branches, branches, branches)  # [N, C, slot, i]
     return by_slot.diagonal(dim1=2, dim2=3)
 
 
@@ -252,8 +248,8 @@ def aggregate_branches(branch_logits):
 
 
 def branch_diversity(logits_t, logits_s):
-    """OKDDip's diversity per image (docs/css.md): the mean L2 distance between the softmaxes of the 2 n_b branches,
-    over all pairs and over the n_b same-numbered (net1 branch i, net2 branch i) pairs. Returns two [N] tensors."""
+    """OKDDip's diversity per image (docs/css.md): mean L2 distance of the 2 n_b branch softmaxes,
+    over all pairs and over the n_b (net1 i, net2 i) pairs. Returns two [N] tensors."""
     branches = logits_t.shape[2]
     probs = F.softmax(torch.cat([logits_t, logits_s], dim=2), dim=1).transpose(1, 2)  # [N, 2n_b, C*n_b]
     distances = torch.cdist(probs, probs)  # [N, 2n_b, 2n_b]
@@ -264,8 +260,8 @@ def branch_diversity(logits_t, logits_s):
 
 @torch.no_grad()
 def evaluate_css(net_t, net_s, masks, data, args):
-    """One pass over the test set, eval mode, masks on (as train.py tests): top-1/top-5 (%) of net1, net2 and their
-    ensemble (mean aggregated logits); each branch's own-slot top-1 and the diversity when asked for."""
+    """One test pass, eval mode, masks on (as train.py tests): top-1/5 (%) of net1, net2 and their
+    ensemble (mean aggregated logits); each branch's own-slot top-1, diversity when asked."""
     net_t.eval()
     net_s.eval()
     meter = common.Meter()
@@ -295,27 +291,27 @@ if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "cifar10")
     common.check_architectures(args.model_t, args.model_s, valid=tuple(CSS_RESNETS), kind=CSS_KIND)
-    common.print_config(args, "css")
+    common.print_config(args, METHOD_NAME)
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    run_name = f"css_{args.model_t}_{args.model_s}_{args.dataset}_seed{args.seed}"
+    run_name = f"{METHOD_NAME}_{args.model_t}_{args.model_s}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
 
-    # --- METHOD: two multi-branch networks from scratch, one SGD optimizer each; per-branch masks ---
+    # --- METHOD: two multi-branch networks, an SGD optimizer each; per-branch masks ---
     net_t = build_css_resnet(args.model_t, data.num_classes, args.branches)
     net_s = build_css_resnet(args.model_s, data.num_classes, args.branches)
     net_t = common.prepare_model(net_t, device, args.amp)
     net_s = common.prepare_model(net_s, device, args.amp)
     for name, net in (("net1", net_t), ("net2", net_s)):
-        print(f"{name}: {net.arch}, {args.branches} branches, {sum(map(torch.numel, net.parameters())):,} parameters")
+        parameters = sum(map(torch.numel, net.parameters()))
+        print(f"{name}: {net.arch}, {args.branches} branches, {parameters:,} parameters", flush=True)
     size = data.train_images.shape[2] // 2  # the masked map is layer2's output: 16x16 on CIFAR
-    masks = branch_masks(args.mask, args.branches, size, size, args.literal_mask3)
-    masks = masks.to(device) if masks is not None else None
-    base_lr = 0.1 if args.learning_rate is None else args.learning_rate  # train.py's lr for every network
+    masks = branch_masks(args.mask, args.branches, size, size, args.literal_mask3, device)
+    base_lr = 0.1 if args.learning_rate is None else args.learning_rate  # train.py's lr
     optimizer_t = common.make_sgd(net_t.parameters(), base_lr, args)
     optimizer_s = common.make_sgd(net_s.parameters(), base_lr, args)
-    # last.pth keeps net2 in the standard slots and net1 beside them, so it also loads as a net2 checkpoint.
+    # last.pth has net2 in the standard slots, net1 beside: it loads as a net2 checkpoint too.
     trained_with = {"net1_model": net_t, "net1_optimizer": optimizer_t}
     start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args, trained_with)
     best_net1 = checkpoint["best_net1"] if checkpoint else dict(best)
@@ -326,7 +322,7 @@ if __name__ == "__main__":
 
     for epoch in range(start_epoch, args.epochs):
         # --- METHOD: train.py's warm-up, then the step schedule, for both networks ---
-        lr = lr_with_warmup(epoch, base_lr, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
+        lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma, args.warmup_epochs)
         common.set_lr(optimizer_t, lr)
         common.set_lr(optimizer_s, lr)
         net_t.train()
@@ -349,7 +345,7 @@ if __name__ == "__main__":
             optimizer_t.step()
             optimizer_s.step()
             # --- END METHOD ---
-            # --- METHOD: CSS's training metrics: every term, both CE ratios, each network's top-1 ---
+            # --- METHOD: CSS's training metrics ---
             for name in ("ce_t", "ce_s", "kd_t_from_s", "kd_s_from_t"):
                 meter.add(f"loss/{name}", terms[name], len(labels))
             meter.add("weight/alpha1", terms["alpha1"], len(labels))
@@ -363,7 +359,7 @@ if __name__ == "__main__":
         metrics = meter.averages()
         common.check_finite(metrics, epoch, run_dir)
         images_per_s = len(data.train_labels) / (time.time() - epoch_start)
-        # --- METHOD: three test accuracies (net1, net2 = primary, ensemble), each with its best epoch ---
+        # --- METHOD: net1, net2 (primary) and ensemble test accuracies, each with its best ---
         result = evaluate_css(net_t, net_s, masks, data, args)
         if result["net2_top1"] > best["top1"]:
             best = {"top1": result["net2_top1"], "top5": result["net2_top5"], "epoch": epoch}
@@ -371,13 +367,15 @@ if __name__ == "__main__":
             common.save_checkpoint(run_dir / "best.pth", best_weights)
         if result["net1_top1"] > best_net1["top1"]:
             best_net1 = {"top1": result["net1_top1"], "top5": result["net1_top5"], "epoch": epoch}
-            common.save_checkpoint(run_dir / "best_net1.pth", common.model_payload(net_t, epoch + 1, best_net1, args))
+            best_net1_weights = common.model_payload(net_t, epoch + 1, best_net1, args)
+            common.save_checkpoint(run_dir / "best_net1.pth", best_net1_weights)
         if result["ensemble_top1"] > best_ensemble["top1"]:
             best_ensemble = {"top1": result["ensemble_top1"], "top5": result["ensemble_top5"], "epoch": epoch}
         metrics.update({"lr": lr, "test/top1": result["net2_top1"], "test/top5": result["net2_top5"]})
-        metrics.update({"test/best_top1": best["top1"], **{f"test/{name}": value for name, value in result.items()}})
-        metrics.update({"test/net1_best_top1": best_net1["top1"], "test/ensemble_best_top1": best_ensemble["top1"]})
-        metrics["speed/images_per_s"] = images_per_s
+        metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
+        metrics.update({f"test/{name}": value for name, value in result.items()})
+        metrics["test/net1_best_top1"] = best_net1["top1"]
+        metrics["test/ensemble_best_top1"] = best_ensemble["top1"]
         logger.log(epoch, metrics)
         state = common.training_state(net_s, optimizer_s, epoch + 1, best, args, trained_with)
         state.update(net1_arch=net_t.arch, best_net1=best_net1, best_ensemble=best_ensemble)
@@ -385,16 +383,15 @@ if __name__ == "__main__":
         # --- END METHOD ---
         common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
-    # --- METHOD: every network's last and best epoch (the last evaluation, or one for a finished run) ---
+    # --- METHOD: every network's last and best epoch, in summary.json ---
     last = result if result is not None else evaluate_css(net_t, net_s, masks, data, args)
-    summary = {"primary": f"net2 ({args.model_s})", "net1_arch": args.model_t, "net2_arch": args.model_s}
+    summary = {"primary": f"net2 ({args.model_s})", "net1_arch": net_t.arch, "net2_arch": net_s.arch}
     for name, best_of in (("net1", best_net1), ("net2", best), ("ensemble", best_ensemble)):
         summary.update({f"{name}_last_top1": last[f"{name}_top1"], f"{name}_last_top5": last[f"{name}_top5"]})
         summary.update({f"{name}_best_top1": best_of["top1"], f"{name}_best_epoch": best_of["epoch"] + 1})
-        line = f"{name}: last-epoch top1 {last[f'{name}_top1']:.2f}, best-epoch top1 {best_of['top1']:.2f}"
-        print(f"{line} at epoch {best_of['epoch'] + 1}", flush=True)
+        print(f"{name}: last top1 {last[f'{name}_top1']:.2f}, best {best_of['top1']:.2f}, epoch {best_of['epoch'] + 1}")
     summary["last_branch_top1"] = {name: value for name, value in last.items() if "_branch" in name}
     summary.update({f"last_{name}": value for name, value in last.items() if name.startswith("diversity")})
     last = {"top1": last["net2_top1"], "top5": last["net2_top5"]}
     # --- END METHOD ---
-    common.write_summary(run_dir, args, best, last, "css", **summary)
+    common.write_summary(run_dir, args, best, last, METHOD_NAME, **summary)

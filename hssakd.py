@@ -1,19 +1,20 @@
 """Hierarchical self-supervised augmented knowledge distillation (HSAKD / HSSAKD).
 
 Papers: C. Yang, Z. An, L. Cai, Y. Xu, "Hierarchical Self-supervised Augmented Knowledge
-Distillation", IJCAI 2021, https://arxiv.org/abs/2107.13715, and "Knowledge Distillation Using
-Hierarchical Self-Supervision Augmented Distribution", IEEE TNNLS 2022,
+Distillation", IJCAI 2021, https://arxiv.org/abs/2107.13715, and "Knowledge Distillation
+Using Hierarchical Self-Supervision Augmented Distribution", IEEE TNNLS 2022,
 https://arxiv.org/abs/2109.03075. Reference code: winycg/HSAKD@28c8dc2 (docs/hssakd.md).
 
-Every network gets L auxiliary classifiers after its intermediate stages (common.AuxiliaryModel),
-each predicting a 4C-way "self-supervised augmented" label, class x rotation (4y + k), for the four
-90-degree rotations of every image. Stage 1 trains the teacher's auxiliary classifiers with
-cross-entropy on those joint labels: on top of kd.py's frozen cross-entropy teacher ("HSAKD" rows),
-or together with a teacher trained from scratch (`--teacher-mode joint`, "HSAKD*"). Stage 2 trains
-the student: CE on the upright images plus, over all four rotations, a KL term between each pair of
-same-numbered auxiliary classifiers (the teacher's joint distributions at every depth) and one
-between the final classifiers. Compared with kd.py: 4x the rows (rotations), auxiliary branches on
-both networks, stage 1, L + 2 loss terms, and Nesterov momentum.
+Every network gets L auxiliary classifiers after its intermediate stages
+(common.AuxiliaryModel), each predicting a 4C-way "self-supervised augmented" label, class x
+rotation (4y + k), for the four 90-degree rotations of every image. Stage 1 trains the
+teacher's auxiliary classifiers with cross-entropy on those joint labels: on top of kd.py's
+frozen cross-entropy teacher ("HSAKD" rows), or together with a teacher trained from scratch
+(`--teacher-mode joint`, "HSAKD*"). Stage 2 trains the student: CE on the upright images
+plus, over all four rotations, a KL term between each pair of same-numbered auxiliary
+classifiers (the teacher's joint distributions at every depth) and one between the final
+classifiers. Compared with kd.py: 4x the rows (rotations), auxiliary branches on both
+networks, stage 1, L + 2 loss terms, and Nesterov momentum.
 
 Run: python hssakd.py --teacher resnet56 --student resnet20
 """
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 
 import common
 
+METHOD_NAME = "hssakd"  # in run folder names, the config line and summary.json
+
 
 @dataclass
 class Args:
@@ -35,7 +38,7 @@ class Args:
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -51,7 +54,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -82,12 +85,12 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
     # Teacher
     teacher: str = "resnet32x4"
     """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
-    """teacher checkpoint (formats: README.md); unset: the cached one, trained by baseline.py if missing"""
+    """teacher checkpoint (formats: README.md); unset: cached, trained by baseline.py if missing"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240
@@ -95,7 +98,7 @@ class Args:
     teacher_expected_acc: Optional[float] = None
     """expected teacher test top-1; unset: RepDistiller's value for known CIFAR-100 teachers"""
     strict_teacher_check: bool = False
-    """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
+    """abort (not warn) when the teacher's top-1 is more than 0.5 from the expected value"""
     allow_teacher_normalize_mismatch: bool = False
     """use a teacher whose recorded --normalize differs from this run's (warn, do not refuse)"""
     # HSAKD
@@ -119,7 +122,7 @@ class Args:
     teacher_milestones: Tuple[int, ...] = ()
     """stage-1 lr milestones; empty means 30,60,90 (frozen) or 150,180,210 (joint)"""
     teacher_lr: float = 0.05
-    """stage-1 initial lr (--lr-gamma, --momentum, --nesterov, --weight-decay apply to stage 1 too)"""
+    """stage-1 initial lr (--lr-gamma, --momentum, --nesterov, --weight-decay apply too)"""
     teacher_ckpt: Literal["last", "best"] = "last"
     """stage-1 epoch the student learns from: last, or best max-over-branches 4C-way test top-1"""
     teacher_seed: int = 1
@@ -127,29 +130,30 @@ class Args:
 
 
 def teacher_loss(logits, aux_logits, labels, joint_labels):
-    """Stage 1 (IJCAI Eq. 1, weights 1): CE of the final classifier on the upright rows (0::4) plus,
-    for every branch, CE on the joint labels 4y + k over all 4B rows. logits [4B, C], aux [4B, 4C].
-    """
+    """Stage 1 (IJCAI Eq. 1, weights 1): CE of the final classifier on the upright rows (0::4)
+    plus, for every branch, CE on the joint labels 4y + k over all 4B rows. logits [4B, C],
+    aux [4B, 4C]."""
     ce = F.cross_entropy(logits[0::4], labels)
     aux_ce = sum(F.cross_entropy(branch, joint_labels) for branch in aux_logits)
     return {"ce": ce, "aux_ce": aux_ce, "total": ce + aux_ce}
 
 
 def kd_loss(student_logits, teacher_logits, temperature):
-    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes and
-    averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it as sum / B). The T^2
-    keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
+    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over
+    classes and averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it
+    as sum / B). The T^2 keeps the gradient magnitude independent of T (Hinton et al.,
+    section 2)."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)  # [B, C]
     teacher_probs = F.softmax(teacher_logits / temperature, dim=1)  # [B, C]
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
 def student_loss(logits, aux_logits, teacher_logits, teacher_aux_logits, labels, joint_labels, args):
-    """Stage 2 (IJCAI Eqs. 2-5), on fp32 logits: CE on the upright rows + kl_q (sum over branches of
-    the 4C-way KL) + kl_p (the final classifiers' KL), both KLs over all 4B rows. Returns every term
-    and the total."""
+    """Stage 2 (IJCAI Eqs. 2-5), on fp32 logits: CE on the upright rows + kl_q (sum over
+    branches of the 4C-way KL) + kl_p (the final classifiers' KL), both KLs over all 4B
+    rows. Returns every term and the total."""
     terms = {"ce": F.cross_entropy(logits[0::4], labels)}  # logits [4B, C], upright rows 0::4
-    branch_kls = [kd_loss(*pair, args.kd_T) for pair in zip(aux_logits, teacher_aux_logits)]  # [4B, 4C] pairs
+    branch_kls = [kd_loss(*pair, args.kd_T) for pair in zip(aux_logits, teacher_aux_logits)]  # [4B, 4C]
     terms.update({f"kl_q_{branch}": kl for branch, kl in enumerate(branch_kls, 1)})
     terms["kl_q"] = sum(branch_kls)
     terms["kl_p"] = kd_loss(logits, teacher_logits, args.kd_T)
@@ -189,9 +193,9 @@ STAGE1_RECIPE += ("momentum", "nesterov", "weight_decay", "teacher_seed", "amp")
 
 
 def stage1_cache_path(args, ce_file):
-    """checkpoints/<dataset>/<CE teacher file stem, or arch>_aux_<mode>_e<epochs>_<digest>.pth; the
-    digest covers STAGE1_RECIPE and the CE teacher's bytes (frozen mode), not the student's --seed
-    (common.stage_digest)."""
+    """checkpoints/<dataset>/<CE teacher file stem, or arch>_aux_<mode>_e<epochs>_<digest>.pth;
+    the digest covers STAGE1_RECIPE and the CE teacher's bytes (frozen mode), not the
+    student's --seed (common.stage_digest)."""
     epochs, milestones = stage1_recipe(args)
     recipe = {name: getattr(args, name) for name in STAGE1_RECIPE} | {"arch": args.teacher, "milestones": milestones}
     base = Path(ce_file).stem if ce_file else args.teacher + (f"_n{args.train_subset}" if args.train_subset else "")
@@ -201,12 +205,13 @@ def stage1_cache_path(args, ce_file):
 
 def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
     """Stage 1: CE on joint labels for the teacher's branches (frozen: on the CE teacher, whose
-    backbone stays in eval mode with detached stage outputs; joint: everything from scratch). Runs
-    in runs/teacher_<cache name>_<dataset>, resuming there after an interruption, then publishes its
-    last epoch to `cache_path` and its best beside it (<cache name>_best.pth)."""
+    backbone stays in eval mode with detached stage outputs; joint: everything from
+    scratch). Runs in runs/teacher_<cache name>_<dataset>, resuming there after an
+    interruption, then publishes its last epoch to `cache_path` and its best beside it
+    (<cache name>_best.pth)."""
     frozen = args.teacher_mode == "frozen"
     epochs, milestones = stage1_recipe(args)
-    print(f"stage 1: training the {args.teacher_mode} teacher's branches, {epochs} epochs -> {cache_path}", flush=True)
+    print(f"stage 1: training the {args.teacher_mode} teacher's branches ({epochs} epochs)", flush=True)
     backbone = ce_teacher if frozen else common.build_model(args.teacher, data.num_classes)
     model = common.AuxiliaryModel(backbone, 4 * data.num_classes)
     model = common.prepare_model(model, device, args.amp)
@@ -231,7 +236,7 @@ def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
             rotated = common.rotations(images)  # [4B, 3, H, W]
             joint_labels = common.rotation_joint_labels(labels)  # [4B]: 4y + k
             with common.autocast(device, args.amp):
-                # Branch l [4B, 4C] runs on stage l's output, detached when frozen (HSAKD's grad=False).
+                # Branch l [4B, 4C] runs on stage l's output, detached if frozen (grad=False).
                 aux_logits, logits = model(rotated, detach_stages=frozen)
                 aux_logits = [branch.float() for branch in aux_logits]
                 logits = logits.float()
@@ -262,14 +267,15 @@ def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
     provenance = {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None}
     best_cache = cache_path.with_name(cache_path.stem + "_best.pth")
     common.publish_stage(run_dir / "best.pth", best_cache, "stage 1's best checkpoint", **provenance)
-    # The last epoch is published last: the cache file's existence means that stage 1 is complete.
+    # Published last: the cache file's existence means that stage 1 is complete.
     common.publish_stage(run_dir / "last.pth", cache_path, "stage 1's last checkpoint", **provenance)
 
 
 def prepare_teacher(args, data, device):
-    """The stage-1 teacher, frozen in eval mode: --teacher-aux-path, else the cached stage 1, else
-    trained by train_stage1 (frozen mode: on kd.py's CE teacher, trained first when missing), on its
-    own random stream (--teacher-seed). Returns (model, file, the mode it was trained in)."""
+    """The stage-1 teacher, frozen in eval mode: --teacher-aux-path, else the cached stage 1,
+    else trained by train_stage1 (frozen mode: on kd.py's CE teacher, trained first when
+    missing), on its own random stream (--teacher-seed). Returns (model, file, the mode it
+    was trained in)."""
     ce_teacher = None
     ce_file = None
     if args.teacher_mode == "frozen" and not args.teacher_aux_path:
@@ -298,17 +304,17 @@ if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.teacher, args.student)
-    common.print_config(args, "hssakd")
+    common.print_config(args, METHOD_NAME)
     # --- METHOD: both networks need as many auxiliary classifiers: checked before any work ---
     check_pair(args.teacher, args.student)
     # --- END METHOD ---
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    run_name = f"hssakd_{args.teacher_mode}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
+    run_name = f"{METHOD_NAME}_{args.teacher_mode}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
 
-    # --- METHOD: stage 1, a teacher with trained auxiliary classifiers: given, cached, or trained ---
+    # --- METHOD: stage 1, a teacher with trained auxiliary classifiers ---
     teacher, teacher_file, teacher_mode = prepare_teacher(args, data, device)
     teacher_result = common.evaluate(teacher.backbone, data, args.eval_batch_size, args.amp)
     teacher_branches = common.auxiliary_accuracy(teacher, data, args.eval_batch_size, args.amp)
@@ -319,7 +325,7 @@ if __name__ == "__main__":
         flush=True,
     )
     # The student is the backbone (evaluated, saved and reported as in kd.py). Its fresh branches
-    # train with it, saved and resumed with it, and stay in train mode (evaluation is the backbone's).
+    # train, save and resume with it, and stay in train mode (evaluation is the backbone's).
     student_with_branches = common.build_auxiliary_model(args.student, data.num_classes)
     student_with_branches = common.prepare_model(student_with_branches, device, args.amp)
     student = student_with_branches.backbone
@@ -338,7 +344,7 @@ if __name__ == "__main__":
         epoch_start = time.time()
         generator = common.epoch_generator(args.seed, epoch)
         for images, labels, _ in common.train_batches(data, args.batch_size, generator):
-            # --- METHOD: 4 rotations after crop+flip (row 4i+k), KL of every branch and of the logits ---
+            # --- METHOD: 4 rotations (row 4i+k), KL of every branch and of the logits ---
             rotated = common.rotations(images)  # [4B, 3, H, W]
             joint_labels = common.rotation_joint_labels(labels)  # [4B]: 4y + k
             with common.autocast(device, args.amp):
@@ -358,7 +364,7 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # --- METHOD: HSAKD's training metrics: its KL terms, the total, top-1 on the upright rows ---
+            # --- METHOD: HSAKD's training metrics ---
             for name, value in losses.items():
                 if name != "ce":  # logged below, as in kd.py
                     meter.add(f"loss/{name}", value, len(labels))
@@ -382,11 +388,11 @@ if __name__ == "__main__":
         common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     last = common.evaluate(student, data, args.eval_batch_size, args.amp)
-    # --- METHOD: the teacher, and both networks' branch diagnostics, recorded in summary.json ---
+    # --- METHOD: the teacher and both networks' branch diagnostics, in summary.json ---
     student_branches = common.auxiliary_accuracy(student_with_branches, data, args.eval_batch_size, args.amp)
     summary = {"teacher_top1": teacher_result["top1"], "teacher_mode": teacher_mode, "teacher_file": str(teacher_file)}
     summary.update(teacher_arch=teacher.arch, student_arch=args.student)
     summary.update({f"teacher_{name}": value for name, value in teacher_branches.items()})
     summary.update({f"student_{name}": value for name, value in student_branches.items()})
     # --- END METHOD ---
-    common.write_summary(run_dir, args, best, last, "hssakd", **summary)
+    common.write_summary(run_dir, args, best, last, METHOD_NAME, **summary)

@@ -1,15 +1,16 @@
 """Hinton knowledge distillation (KD) with the RepDistiller CIFAR recipe.
 
-Paper: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014
-Deep Learning Workshop, https://arxiv.org/abs/1503.02531. Reference code: HobbitLong/RepDistiller
-`train_student.py --distill kd -r 0.1 -a 0.9 -b 0` (docs/kd.md).
+Paper: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network",
+NIPS 2014 Deep Learning Workshop, https://arxiv.org/abs/1503.02531. Reference code:
+HobbitLong/RepDistiller `train_student.py --distill kd -r 0.1 -a 0.9 -b 0` (docs/kd.md).
 
-A frozen teacher, trained beforehand with plain cross-entropy (baseline.py), looks at the same
-augmented batch as the student. The student learns from two targets at once: the hard label
-(cross-entropy, weight 0.1) and the teacher's class distribution softened by a temperature T = 4 (KL
-divergence, weight 0.9, times T^2 so that its gradient keeps the size of the CE's as T grows).
-Compared with baseline.py, the only changes are the teacher (loaded, or trained and cached when
-missing, and evaluated before the first student step) and the `kd_loss` term.
+A frozen teacher, trained beforehand with plain cross-entropy (baseline.py), looks at
+the same augmented batch as the student. The student learns from two targets at once:
+the hard label (cross-entropy, weight 0.1) and the teacher's class distribution softened
+by a temperature T = 4 (KL divergence, weight 0.9, times T^2 so that its gradient keeps
+the size of the CE's as T grows). Compared with baseline.py, the only changes are the
+teacher (loaded, or trained and cached when missing, and evaluated before the first
+student step) and the `kd_loss` term.
 
 Run: python kd.py --teacher resnet32x4 --student resnet8x4
 """
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 
 import common
 
+METHOD_NAME = "kd"  # in run folder names, the config line and summary.json
+
 
 @dataclass
 class Args:
@@ -30,7 +33,7 @@ class Args:
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -46,7 +49,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -77,12 +80,12 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
     # Teacher
     teacher: str = "resnet32x4"
     """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
-    """teacher checkpoint (formats: README.md); unset: the cached one, trained by baseline.py if missing"""
+    """teacher checkpoint (formats: README.md); unset: cached, trained by baseline.py if missing"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240
@@ -90,7 +93,7 @@ class Args:
     teacher_expected_acc: Optional[float] = None
     """expected teacher test top-1; unset: RepDistiller's value for known CIFAR-100 teachers"""
     strict_teacher_check: bool = False
-    """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
+    """abort (not warn) when the teacher's top-1 is more than 0.5 from the expected value"""
     allow_teacher_normalize_mismatch: bool = False
     """use a teacher whose recorded --normalize differs from this run's (warn, do not refuse)"""
     # KD
@@ -103,9 +106,10 @@ class Args:
 
 
 def kd_loss(student_logits, teacher_logits, temperature):
-    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes and
-    averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it as sum / B). The T^2
-    keeps the gradient magnitude independent of T (Hinton et al., section 2)."""
+    """Hinton's KD term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over
+    classes and averaged over the rows ("batchmean"; RepDistiller's DistillKL writes it
+    as sum / B). The T^2 keeps the gradient magnitude independent of T (Hinton et al.,
+    section 2)."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)  # [B, C]
     teacher_probs = F.softmax(teacher_logits / temperature, dim=1)  # [B, C]
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
@@ -116,11 +120,11 @@ if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.teacher, args.student)
-    common.print_config(args, "kd")
+    common.print_config(args, METHOD_NAME)
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    run_name = f"kd_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
+    run_name = f"{METHOD_NAME}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
 
     # --- METHOD: a frozen teacher, evaluated before the first student step ---
@@ -179,4 +183,4 @@ if __name__ == "__main__":
     # --- METHOD: the teacher's accuracy, recorded in summary.json ---
     summary = {"teacher_top1": teacher_result["top1"]}
     # --- END METHOD ---
-    common.write_summary(run_dir, args, best, last, "kd", **summary)
+    common.write_summary(run_dir, args, best, last, METHOD_NAME, **summary)

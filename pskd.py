@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 import common
 
+METHOD_NAME = "pskd"  # in run folder names, the config line and summary.json
+
 
 @dataclass
 class Args:
@@ -33,7 +35,7 @@ class Args:
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -49,7 +51,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -80,7 +82,7 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
     # PS-KD
     pskd: bool = True
     """PS-KD soft targets; false trains with plain cross-entropy and the same recipe (the baseline)"""
@@ -178,11 +180,11 @@ if __name__ == "__main__":
     common.check_architectures(args.model, valid=common.MODEL_NAMES + tuple(MODEL_ALIASES))
     args.model = MODEL_ALIASES.get(args.model, args.model)
     # --- END METHOD ---
-    common.print_config(args, "pskd")
+    common.print_config(args, METHOD_NAME)
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    method_name = "pskd" if args.pskd else "pskd-off"  # the baseline's runs are told apart by name
+    method_name = METHOD_NAME if args.pskd else "pskd-off"  # the baseline's runs are told apart by name
     run_name = f"{method_name}_{args.model}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
 
@@ -257,4 +259,4 @@ if __name__ == "__main__":
     summary = {f"last_{name}": last[name] for name in ("nll", "ece") if name in last}
     summary.update({f"best_epoch_{name}": best[name] for name in ("nll", "ece") if name in best})
     # --- END METHOD ---
-    common.write_summary(run_dir, args, best, last, "pskd", **summary)
+    common.write_summary(run_dir, args, best, last, METHOD_NAME, **summary)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 import common
 
+METHOD_NAME = "sskd"  # in run folder names, the config line and summary.json
+
 
 @dataclass
 class Args:
@@ -30,7 +32,7 @@ class Args:
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)"""
+    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -46,7 +48,7 @@ class Args:
     resume: bool = False
     """continue the run in <output-dir>/<run-name> from its last finished epoch"""
     resume_with_changes: bool = False
-    """with --resume, accept arguments that differ from the interrupted run's (see resumes.jsonl)"""
+    """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     eval_batch_size: int = 128
@@ -77,12 +79,12 @@ class Args:
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100 (docs/<method>.md)"""
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
     # Teacher
     teacher: str = "resnet32x4"
     """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
-    """teacher checkpoint (formats: README.md); unset: the cached one, trained by baseline.py if missing"""
+    """teacher checkpoint (formats: README.md); unset: cached, trained by baseline.py if missing"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240
@@ -90,7 +92,7 @@ class Args:
     teacher_expected_acc: Optional[float] = None
     """expected teacher test top-1; unset: RepDistiller's value for known CIFAR-100 teachers"""
     strict_teacher_check: bool = False
-    """abort (instead of warn) when the teacher's top-1 differs from the expected value by > 0.5"""
+    """abort (not warn) when the teacher's top-1 is more than 0.5 from the expected value"""
     allow_teacher_normalize_mismatch: bool = False
     """use a teacher whose recorded --normalize differs from this run's (warn, do not refuse)"""
     # SSKD
@@ -113,35 +115,35 @@ class Args:
     ratio_ss: float = 0.75
     """fraction of teacher-wrong rotated rows kept in the ss term (best-ranked first)"""
     stable_sort: bool = True
-    """stable ranking: ties at the cut keep the lower row (SSKD: torch's sort, order unspecified) [INTERP]"""
+    """stable ranking: ties at the cut keep the lower row (SSKD: torch's unspecified order) [INTERP]"""
     rotation_pipeline: Literal["sskd", "gpu"] = "sskd"
-    """sskd: flip, rotate, crop each copy (cifar.py); gpu: one crop+flip for the copies, then rotate [INTERP]"""
+    """sskd: flip, rotate, crop each copy (cifar.py); gpu: one crop+flip, then rotate [INTERP]"""
     # SSKD stage 2: the teacher's projection head
     teacher_head_path: Optional[str] = None
-    """trained head (ours or SSKD's ckpt/teacher.pth); unset: the cached one, trained if missing [INTERP]"""
+    """trained head (ours or SSKD's ckpt/teacher.pth); unset: cached, trained if missing [INTERP]"""
     t_epochs: int = 60
-    """epochs of teacher-head training (stage 2; --ce-teacher-epochs is the CE teacher's, stage 1)"""
+    """epochs of teacher-head training (stage 2; stage 1 is --ce-teacher-epochs)"""
     t_lr: float = 0.05
     """lr of the head (its SGD takes the recipe's lr gamma, momentum, Nesterov, weight decay)"""
     t_milestones: Tuple[int, ...] = (30, 45)
     """0-based head epochs at which the head lr is multiplied by --lr-gamma"""
     head_T: float = 1.0
-    """temperature of the head's contrastive cross-entropy (code: raw cosines; the paper has a tau)"""
+    """temperature of the head's contrastive CE (code: raw cosines; the paper has a tau)"""
     head_seed: int = 0
-    """seed of the head's initialisation and data order: one cached head serves every student seed [INTERP]"""
+    """seed of the head's initialisation and data order: one head for every student seed [INTERP]"""
 
 
 def sskd_batches(data, args, generator):
-    """Four copies per image, row 4i+k = image i rotated by k*90 degrees: (normalised [4B, 3, 32, 32], labels [B],
-    indices [B]). --rotation-pipeline sskd (cifar.py): one flip per image, its four rotations, then RandomCrop(32, 4)
-    per copy; gpu: the standard crop and flip, shared by the four copies, then the rotations (HSAKD's order)."""
+    """Four copies per image, row 4i+k = image i rotated by k*90 degrees: (normalised [4B, 3, 32, 32],
+    labels [B], indices [B]). sskd (cifar.py): a flip per image, its 4 rotations, RandomCrop(32, 4) per
+    copy; gpu: the standard crop and flip, shared by the copies, then the rotations (HSAKD's order)."""
     gpu_pipeline = args.rotation_pipeline == "gpu"
     for images, labels, indices in common.train_batches(data, args.batch_size, generator, augment=gpu_pipeline):
         if gpu_pipeline:
             layout = torch.channels_last if data.channels_last else torch.contiguous_format  # --amp
             yield common.rotations(images).contiguous(memory_format=layout), labels, indices
             continue
-        raw = data.train_images[indices]  # uint8 again: the crop zero-pads before normalising, as there
+        raw = data.train_images[indices]  # uint8: the crop zero-pads before normalising, as there
         flip = torch.rand(len(indices), generator=generator) < 0.5
         copies = common.rotations(common.hflip(raw, flip))  # [4B, 3, 32, 32]
         top, left = torch.randint(0, 9, (2, len(copies)), generator=generator)
@@ -149,20 +151,20 @@ def sskd_batches(data, args, generator):
 
 
 def split_rotations(rows):
-    """[4B, ...] -> (upright [B, ...], rotated [3B, ...]); rotated row j is image j // 3 at rotation j % 3 + 1."""
+    """[4B, ...] -> (upright [B, ...], rotated [3B, ...]); rotated row j: image j // 3, rotation j % 3 + 1."""
     per_image = rows.unflatten(0, (-1, 4))
     return per_image[:, 0], per_image[:, 1:].flatten(0, 1)
 
 
 def projection_head(feat_dim):
-    """SSKD's proj_head (wrapper.py): Linear(d, d) - ReLU - Linear(d, d) on the pooled penultimate feature, PyTorch
-    default init; keys 0.* and 2.* are SSKD's `proj_head.*`."""
+    """SSKD's proj_head (wrapper.py): Linear(d, d) - ReLU - Linear(d, d) on the pooled feature, PyTorch's
+    init; keys 0.* and 2.* are SSKD's `proj_head.*`."""
     return nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(inplace=True), nn.Linear(feat_dim, feat_dim))
 
 
 def similarity_matrix(projections):
-    """S[j, b] = cos(rotated row j, upright row b): [4B, d] -> [3B, B]; row j's positive column is j // 3. Always
-    fp32: the ss term divides cosines by 0.5, and bf16's three digits would blur them under --amp."""
+    """S[j, b] = cos(rotated row j, upright row b): [4B, d] -> [3B, B]; row j's positive column is j // 3.
+    Always fp32: the ss term divides cosines by 0.5, and bf16's three digits would blur them."""
     with torch.autocast(projections.device.type, enabled=False):
         upright, rotated = split_rotations(F.normalize(projections.float(), dim=1, eps=1e-8))
         return rotated @ upright.T
@@ -176,39 +178,37 @@ def positive_columns(similarity):
 @torch.no_grad()
 def selective_transfer_mask(teacher_scores, target_columns, keep_ratio, stable_sort=True):
     """Error-level ranking (docs/sskd.md): keep every row whose teacher top-1 is its target, plus the
-    floor(wrong * keep_ratio) wrong rows whose target the teacher ranks best. [N, K], [N] -> keep [N] (bool)."""
+    floor(wrong * keep_ratio) wrong rows whose target the teacher ranks best. [N, K], [N] -> bool [N]."""
     target_scores = teacher_scores.gather(1, target_columns[:, None])  # [N, 1]
     rank = (teacher_scores > target_scores).sum(dim=1)  # position of the target in the sorted row
     wrong = (rank > 0).sum()
     # float64 as Python's float, so the floor matches int(wrong * ratio) of the official code
     keep_count = len(rank) - wrong + torch.floor(wrong.double() * keep_ratio).long()
-    order = torch.sort(rank, stable=stable_sort).indices  # correct rows first, then best-ranked wrong
+    order = torch.sort(rank, stable=stable_sort).indices  # correct rows, then the best-ranked wrong
     keep = torch.zeros_like(rank, dtype=torch.bool)
     keep[order] = torch.arange(len(rank), device=rank.device) < keep_count
     return keep
 
 
 def kl_per_row(student_scores, teacher_scores, temperature):
-    """kd_loss of each row before the mean over rows: T^2 * KL(teacher_T || student_T) per row, [N, K] -> [N]."""
+    """kd_loss before the mean over rows: T^2 * KL(teacher_T || student_T) of each row, [N, K] -> [N]."""
     log_student = F.log_softmax(student_scores / temperature, dim=1)
     teacher_probs = F.softmax(teacher_scores / temperature, dim=1)
     return F.kl_div(log_student, teacher_probs, reduction="none").sum(dim=1) * temperature**2
 
 
 def mean_over_kept(values, keep):
-    """The mean of `values` over the rows selective transfer keeps (batchmean over the kept set |I|)."""
+    """The mean of `values` over the rows that selective transfer keeps (the kept set |I|)."""
     return (values * keep).sum() / keep.sum().clamp_min(1)
 
 
 def sskd_loss(student_logits, teacher_logits, student_similarity, teacher_similarity, labels, args):
-    """SSKD's student loss (student.py): fp32 logits [4B, C] in the rotation layout, similarities [3B, B],
-    labels [B]. Returns ({"ce", "kd", "tf", "ss", "total"}: unweighted terms and the weighted total,
-    {"tf", "ss"}: the rotated rows [3B] each term keeps)."""
+    """SSKD's student loss (student.py) on fp32 logits [4B, C], similarities [3B, B], labels [B]. Returns
+    (unweighted ce, kd, tf, ss and the weighted total; the rotated rows [3B] the tf and ss terms keep)."""
     student_upright, student_rotated = split_rotations(student_logits)  # [B, C], [3B, C]
     teacher_upright, teacher_rotated = split_rotations(teacher_logits)
     teacher_probs = F.softmax(teacher_rotated / args.tf_T, dim=1)
-    rotated_labels = labels.repeat_interleave(3)
-    keep_tf = selective_transfer_mask(teacher_probs, rotated_labels, args.ratio_tf, args.stable_sort)
+    keep_tf = selective_transfer_mask(teacher_probs, labels.repeat_interleave(3), args.ratio_tf, args.stable_sort)
     ss_columns = positive_columns(teacher_similarity)
     keep_ss = selective_transfer_mask(teacher_similarity, ss_columns, args.ratio_ss, args.stable_sort)
     tf_rows = kl_per_row(student_rotated, teacher_rotated, args.tf_T)
@@ -238,14 +238,13 @@ def ss_top1(model, head, data, batch_size, amp):
 
 
 def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
-    """Stage 2 (student.py, first loop): a fresh head on the frozen teacher (eval mode, backbone under
-    no_grad: SSKD's bb_grad=False), cross-entropy of cosines / head_T against each rotated row's own
-    upright image. Saves the head, its recipe and its last test ss top-1 to `cache_path`."""
+    """Stage 2 (student.py, first loop): a fresh head on the frozen teacher (eval, no_grad: bb_grad=False),
+    CE of cosines / head_T against each rotated row's upright image; saved with its test ss top-1."""
     print(f"no teacher head at {cache_path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
     head = projection_head(teacher.feat_dim).to(data.test_labels.device)
     optimizer = common.make_sgd(head.parameters(), args.t_lr, args)
     teacher.eval()
-    logger = common.Logger(run_dir, args, file_name="head_metrics.jsonl", tracking=False)  # a new file
+    logger = common.Logger(run_dir, args, file_name="head_metrics.jsonl", tracking=False)
     for epoch in range(args.t_epochs):
         lr = common.lr_at_epoch(epoch, args.t_lr, args.t_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
@@ -257,7 +256,7 @@ def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
                 with torch.no_grad():
                     feats, _ = teacher(images, is_feat=True)
                 similarity = similarity_matrix(head(feats[-1]))  # [3B, B], fp32
-            positives = positive_columns(similarity)  # [3B]: each rotated row's own upright image
+            positives = positive_columns(similarity)  # [3B]: each row's own upright image
             loss = F.cross_entropy(similarity / args.head_T, positives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -265,7 +264,7 @@ def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
             meter.add("loss/head", loss, len(similarity))
             meter.add_top1("train/ss_top1", similarity, positives)
         metrics = meter.averages()
-        common.check_finite(metrics, epoch, run_dir, "Lower --t-lr or turn off --amp, then rerun (the head restarts).")
+        common.check_finite(metrics, epoch, run_dir, "Lower --t-lr or turn off --amp, then rerun.")
         images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         test_ss = ss_top1(teacher, head, data, args.batch_size, args.amp)
         metrics.update({"lr": lr, "test/ss_top1": test_ss, "speed/images_per_s": images_per_s})
@@ -289,7 +288,7 @@ def load_teacher_head(path, feat_dim, device):
     if state is None:  # SSKD's wrapper: the head's keys are proj_head.*
         wrapper = common.extract_state_dict(checkpoint).items()
         state = {key.removeprefix("proj_head."): value for key, value in wrapper if key.startswith("proj_head.")}
-    with torch.device("meta"):  # no initialisation (no random draw): every weight comes from the file
+    with torch.device("meta"):  # no initialisation, no random draw: the weights come from the file
         head = projection_head(feat_dim)
     try:
         head.load_state_dict(state, assign=True)
@@ -297,7 +296,8 @@ def load_teacher_head(path, feat_dim, device):
         message = f"{path} holds no projection head for a {feat_dim}-d feature (check --teacher)"
         raise common.ConfigError(f"{message}: {str(error).splitlines()[0]}") from None
     test_ss = checkpoint.get("test_ss_top1")
-    print(f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""), flush=True)
+    accuracy = f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""
+    print(f"teacher head from {path}{accuracy}", flush=True)
     return head.to(device).eval().requires_grad_(False), test_ss
 
 
@@ -313,14 +313,14 @@ if __name__ == "__main__":
     args = common.parse_args(Args)
     args.normalize = args.normalize or common.default_normalize(args.dataset, "sskd")
     common.check_architectures(args.teacher, args.student)
-    common.print_config(args, "sskd")
+    common.print_config(args, METHOD_NAME)
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     data = common.load_data(args, device)
-    run_name = f"sskd_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
+    run_name = f"{METHOD_NAME}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
 
-    # --- METHOD: stage 1, the frozen teacher (evaluated first); stage 2, its head: given, cached, or trained ---
+    # --- METHOD: stage 1, the frozen teacher; stage 2, its head: given, cached, or trained ---
     teacher, teacher_result = common.load_teacher(args, data, device)
     head_file = common.cached_stage(
         args.teacher_head_path,
@@ -336,7 +336,7 @@ if __name__ == "__main__":
     # --- METHOD: the student's projection head is trained, saved and resumed with it ---
     student_head = projection_head(student.feat_dim).to(device)
     optimizer = common.make_sgd([*student.parameters(), *student_head.parameters()], base_lr, args)
-    trained_with = {"student_head": student_head}  # saved in last.pth and resumed with the student
+    trained_with = {"student_head": student_head}
     # --- END METHOD ---
     start_epoch, best, _ = common.resume_state(run_dir, student, optimizer, args.resume, args, trained_with)
     logger = common.Logger(run_dir, args, start_epoch)
@@ -353,7 +353,7 @@ if __name__ == "__main__":
             with common.autocast(device, args.amp):
                 student_feats, student_logits = student(images, is_feat=True)
                 student_logits = student_logits.float()
-                student_similarity = similarity_matrix(student_head(student_feats[-1]))  # [3B, B], fp32
+                student_similarity = similarity_matrix(student_head(student_feats[-1]))  # [3B, B]
                 with torch.no_grad():
                     teacher_feats, teacher_logits = teacher(images, is_feat=True)
                     teacher_logits = teacher_logits.float()
@@ -367,13 +367,13 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # --- METHOD: SSKD's training metrics: its terms, the similarity task, the rows kept ---
+            # --- METHOD: SSKD's training metrics ---
             for term in ("kd", "tf", "ss", "total"):
                 meter.add(f"loss/{term}", losses[term], len(labels))
             meter.add_top1("train/ss_top1", student_similarity, positive_columns(student_similarity))
             meter.add_sum("train/kept_tf", 100.0 * kept["tf"].sum(), len(kept["tf"]))
             meter.add_sum("train/kept_ss", 100.0 * kept["ss"].sum(), len(kept["ss"]))
-            meter.add_top1("train/top1", split_rotations(student_logits)[0], labels)  # on the upright copies
+            meter.add_top1("train/top1", split_rotations(student_logits)[0], labels)  # upright copies
             # --- END METHOD ---
             meter.add("loss/ce", loss_ce, len(labels))
 
@@ -397,4 +397,4 @@ if __name__ == "__main__":
     summary = {"teacher_top1": teacher_result["top1"], "teacher_file": str(teacher_result["file"])}
     summary.update(teacher_head_file=str(head_file), teacher_head_test_ss_top1=head_test_ss)
     # --- END METHOD ---
-    common.write_summary(run_dir, args, best, last, "sskd", **summary)
+    common.write_summary(run_dir, args, best, last, METHOD_NAME, **summary)

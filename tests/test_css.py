@@ -22,7 +22,6 @@ from css import (
     branch_masks,
     build_css_resnet,
     css_loss,
-    lr_with_warmup,
 )
 
 CSS_NAMES = ("css_resnet56", "css_resnet110", "css_wide_resnet20_8")
@@ -270,7 +269,9 @@ def test_defaults_follow_the_code_recipe_and_lr_warms_up_then_decays_at_149_and_
     assert args.normalize is None  # css.py resolves it to CSS's CIFAR-10 constants on both datasets
     assert not args.detach_kd_target and not args.detach_ratio and args.mask == "corners" and not args.literal_mask3
     assert args.learning_rate is None  # unset: train.py's 0.1, which css.py's main uses
-    lrs = [lr_with_warmup(e, 0.1, args.lr_milestones, args.lr_gamma, args.warmup_epochs) for e in range(args.epochs)]
+    lrs = [
+        common.lr_at_epoch(e, 0.1, args.lr_milestones, args.lr_gamma, args.warmup_epochs) for e in range(args.epochs)
+    ]
     assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.10])
     assert set(lrs[5:149]) == {0.1}
     assert lrs[149:224] == pytest.approx([0.01] * 75) and lrs[224:] == pytest.approx([0.001] * 76)

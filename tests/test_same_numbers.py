@@ -22,6 +22,12 @@ def test_the_same_code_twice_is_identical():
     assert result.stdout.strip().endswith("ALL IDENTICAL")
 
 
+def test_a_variant_runs_its_method_file_with_its_flags():
+    result = same_numbers(REPO, REPO, "--methods", "pskd-off")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pskd-off: metrics identical, weights identical, cached stages identical" in result.stdout
+
+
 def test_a_changed_default_is_caught(tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(REPO, changed, ignore=shutil.ignore_patterns(".git", "tests", "docs", "runs", "checkpoints"))

@@ -7,7 +7,7 @@ tensor of the cached teacher stages. Stage files are paired in sorted order, not
 changed file may pickle its arguments in another order, which changes the digests in the names of the stages trained
 on it, not their weights. Exit status 0 when everything is identical, 1 otherwise.
 
-Run: python tools/same_numbers.py /path/to/checkout-before . --methods kd sskd hssakd pskd lsskd css baseline
+Run: python tools/same_numbers.py /path/to/checkout-before . --variants   (every method, then the other code paths)
 """
 
 import argparse
@@ -38,6 +38,15 @@ RUNS = {  # the flags of each method's tiny run, besides the shared ones below
         "true",
     ],
 }
+# Other code paths of the same files, run with --variants: (method file, its flags besides the shared ones).
+VARIANTS = {
+    "hssakd-joint": ("hssakd", [*TEACHER, "--teacher-epochs", "1", "--teacher-mode", "joint"]),
+    "hssakd-best": ("hssakd", [*TEACHER, "--teacher-epochs", "1", "--teacher-ckpt", "best"]),
+    "sskd-gpu": ("sskd", [*TEACHER, "--t-epochs", "1", "--rotation-pipeline", "gpu"]),
+    "pskd-off": ("pskd", ["--model", "resnet8", "--pskd", "false"]),
+    "lsskd-final": ("lsskd", ["--model", "resnet8", "--kl-teacher", "final", "--final-rows", "all"]),
+    "css-official": ("css", RUNS["css"][:4]),  # CSS's undetached form
+}
 SHARED = ["--dataset", "cifar100", "--train-subset", "64", "--batch-size", "32", "--epochs", "2", "--device", "cpu"]
 
 
@@ -58,9 +67,10 @@ def same_tensors(a, b):
 
 
 def run(checkout, method, data_dir, folder):
-    """One tiny run; returns (metrics rows without speed, {file: tensors}, [cached stage tensors])."""
+    """One tiny run; returns (metrics rows without speed, {file: tensors}, [cached stage tensors], their names)."""
     folder.mkdir(parents=True)
-    command = [sys.executable, str(Path(checkout) / f"{method}.py"), *SHARED, *RUNS[method]]
+    script, flags = VARIANTS[method] if method in VARIANTS else (method, RUNS[method])
+    command = [sys.executable, str(Path(checkout) / f"{script}.py"), *SHARED, *flags]
     result = subprocess.run(
         [*command, "--data-dir", str(data_dir), "--run-name", method], cwd=folder, text=True, capture_output=True
     )
@@ -70,15 +80,17 @@ def run(checkout, method, data_dir, folder):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [{key: value for key, value in row.items() if not key.startswith("speed/")} for row in rows]
     weights = {name: tensors(torch.load(run_dir / name, weights_only=False)) for name in ("last.pth", "best.pth")}
-    stages = [tensors(torch.load(path, weights_only=False)) for path in sorted(folder.glob("checkpoints/**/*.pth"))]
-    return rows, weights, stages
+    stage_files = sorted(folder.glob("checkpoints/**/*.pth"))
+    stages = [tensors(torch.load(path, weights_only=False)) for path in stage_files]
+    return rows, weights, stages, [path.name for path in stage_files]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("before", help="checkout of the code before the change")
     parser.add_argument("after", help="checkout of the code after the change")
-    parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=[*RUNS, *VARIANTS])
+    parser.add_argument("--variants", action="store_true", help="also run every entry of VARIANTS")
     args = parser.parse_args()
     args.before, args.after = Path(args.before).resolve(), Path(args.after).resolve()  # runs start in other folders
     for checkout in (args.before, args.after):
@@ -89,7 +101,7 @@ def main():
         work = Path(work)
         synthetic = [sys.executable, str(Path(args.after) / "tools" / "synthetic_cifar.py"), str(work / "data")]
         subprocess.run([*synthetic, "--train", "320", "--test", "200"], check=True, capture_output=True)
-        for method in args.methods:
+        for method in [*args.methods, *(VARIANTS if args.variants else [])]:
             before = run(args.before, method, work / "data", work / "before" / method)
             after = run(args.after, method, work / "data", work / "after" / method)
             same = {
@@ -101,7 +113,8 @@ def main():
             identical &= all(same.values())
             count = sum(len(found) for found in after[1].values())
             verdicts = ", ".join(f"{name} {'identical' if ok else 'DIFFERENT'}" for name, ok in same.items())
-            print(f"{method}: {verdicts} ({count} tensors, {len(after[2])} cached stage files)", flush=True)
+            names = "same names" if before[3] == after[3] else f"names {before[3]} -> {after[3]}"
+            print(f"{method}: {verdicts} ({count} tensors, {len(after[2])} cached stage files, {names})", flush=True)
     print("ALL IDENTICAL" if identical else "DIFFERENCES FOUND")
     return 0 if identical else 1
 

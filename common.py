@@ -2,7 +2,21 @@
 utilities and run bookkeeping. No loss and no method logic lives here: a reader looks things up
 in this file; nobody needs to read it to understand a method.
 
-Sections: DATA | BACKBONES | TRAINING UTILITIES | RUN BOOKKEEPING
+Sections: DATA | BACKBONES | TRAINING UTILITIES | RUN BOOKKEEPING | TEACHERS AND CACHED STAGES.
+What a method file calls, in the order a run calls it:
+
+1. Arguments: show_user_errors_plainly, parse_args (FIELD_RANGES checked), default_normalize,
+   check_architectures, print_config.
+2. Setup: seed_everything, get_device, load_data (-> CifarData on the device), prepare_run_dir.
+3. Teacher and cached stages: load_teacher (-> teacher_cache_path, train_teacher), cached_stage
+   (cache_lock, an own random stream with seed=), publish_stage, stage_digest, model_from_checkpoint.
+4. Models: build_model, build_auxiliary_model / AuxiliaryModel, prepare_model.
+5. Optimisation: default_lr, make_sgd, lr_at_epoch, set_lr, resume_state (trained_with), Logger.
+6. The epoch: epoch_generator, train_batches (standard_augment), rotations, rotation_joint_labels,
+   autocast, Meter (add, add_sum, add_top1), accuracy_count.
+7. After the epoch: check_finite, evaluate / test_batches / topk_counts, auxiliary_accuracy,
+   model_payload, training_state, save_checkpoint, print_epoch.
+8. The end: write_summary.
 
 Not run by itself: every method file imports it (python kd.py, python sskd.py, ...).
 """
@@ -83,11 +97,11 @@ def default_normalize(dataset, cifar100_recipe):
     return "cifar10" if dataset == "cifar10" else cifar100_recipe
 
 
-def same_normalization(name_a, name_b, tolerance=1e-3):
-    """Whether two --normalize choices give the same inputs up to `tolerance` in every constant:
-    repdistiller and sskd differ by 1e-4 (the same CIFAR-100 statistics, rounded differently)."""
+def same_normalization(name_a, name_b):
+    """Whether two --normalize choices give the same inputs up to 1e-3 in every constant: repdistiller
+    and sskd differ by 1e-4 (the same CIFAR-100 statistics, rounded differently)."""
     (mean_a, std_a), (mean_b, std_b) = NORMALIZE[name_a], NORMALIZE[name_b]
-    return all(abs(x - y) <= tolerance for x, y in zip(mean_a + std_a, mean_b + std_b))
+    return all(abs(a - b) <= 1e-3 for a, b in zip(mean_a + std_a, mean_b + std_b))
 
 
 @dataclasses.dataclass
@@ -254,13 +268,13 @@ def hflip(images, flip):
     return torch.where(flip.to(images.device)[:, None, None, None], images.flip(3), images)
 
 
-def standard_augment(images, generator, padding=4):
+def standard_augment(images, generator):
     """RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), batched, on the images' device.
     Random numbers come from a CPU generator so CPU and CUDA runs see the same augmentation."""
     batch = images.shape[0]
-    top, left = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator)
+    top, left = torch.randint(0, 9, (2, batch), generator=generator)  # offsets 0..8 of a 4-pixel padding
     flip = torch.rand(batch, generator=generator) < 0.5
-    return hflip(crop(images, top, left, padding), flip)
+    return hflip(crop(images, top, left, padding=4), flip)
 
 
 def epoch_generator(seed, epoch):
@@ -1082,9 +1096,9 @@ class AuxiliaryModel(nn.Module):
         return (feats, aux_feats, aux_logits, logits) if is_feat else (aux_logits, logits)
 
 
-def build_auxiliary_model(name, num_classes, num_outputs=None):
-    """`build_model(name)` + auxiliary classifiers with `num_outputs` logits (default 4 * num_classes)."""
-    return AuxiliaryModel(build_model(name, num_classes), num_outputs or 4 * num_classes)
+def build_auxiliary_model(name, num_classes):
+    """`build_model(name)` + auxiliary classifiers on the 4 * num_classes class x rotation labels."""
+    return AuxiliaryModel(build_model(name, num_classes), 4 * num_classes)
 
 
 def auxiliary_supported(name):
@@ -1098,6 +1112,26 @@ def auxiliary_branch_count(name):
     """L for a zoo name, without allocating weights (built on the meta device)."""
     with torch.device("meta"):
         return AuxiliaryModel(build_model(name, 10), 1).num_branches
+
+
+@torch.no_grad()
+def auxiliary_accuracy(model, data, batch_size, amp):
+    """HSAKD's auxiliary-branch diagnostics (docs/hssakd.md) on the rotated test set, per branch
+    of an AuxiliaryModel: "ss" = 400-way top-1 on the joint label; "class" = 100-way top-1 after
+    summing each class's 4 rotation logits; both over all 4B rows."""
+    model.eval()
+    ss_correct = class_correct = torch.zeros(model.num_branches, device=data.test_labels.device)
+    for images, labels in test_batches(data, batch_size):
+        rotated = rotations(images)
+        with autocast(labels.device, amp):
+            aux_logits, _ = model(rotated)
+        aux_logits = torch.stack([branch.float() for branch in aux_logits])  # [L, 4B, 4C]
+        joint_labels = rotation_joint_labels(labels)
+        class_logits = aux_logits.view(*aux_logits.shape[:2], -1, 4).sum(3)  # [L, 4B, C]: 4c..4c+3 is class c
+        ss_correct = ss_correct + (aux_logits.argmax(2) == joint_labels).sum(1)
+        class_correct = class_correct + (class_logits.argmax(2) == labels.repeat_interleave(4)).sum(1)
+    rows = 4 * len(data.test_labels)
+    return {"ss_top1": (100.0 * ss_correct / rows).tolist(), "class_top1": (100.0 * class_correct / rows).tolist()}
 
 
 # =================================================================================================
@@ -1255,26 +1289,6 @@ def check_finite(metrics, epoch, run_dir, remedy=None):
         raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch + 1}. {remedy}")
 
 
-@torch.no_grad()
-def auxiliary_accuracy(model, data, batch_size, amp):
-    """HSAKD's auxiliary-branch diagnostics (docs/hssakd.md) on the rotated test set, per branch
-    of an AuxiliaryModel: "ss" = 400-way top-1 on the joint label; "class" = 100-way top-1 after
-    summing each class's 4 rotation logits; both over all 4B rows."""
-    model.eval()
-    ss_correct = class_correct = torch.zeros(model.num_branches, device=data.test_labels.device)
-    for images, labels in test_batches(data, batch_size):
-        rotated = rotations(images)
-        with autocast(labels.device, amp):
-            aux_logits, _ = model(rotated)
-        aux_logits = torch.stack([branch.float() for branch in aux_logits])  # [L, 4B, 4C]
-        joint_labels = rotation_joint_labels(labels)
-        class_logits = aux_logits.view(*aux_logits.shape[:2], -1, 4).sum(3)  # [L, 4B, C]: 4c..4c+3 is class c
-        ss_correct = ss_correct + (aux_logits.argmax(2) == joint_labels).sum(1)
-        class_correct = class_correct + (class_logits.argmax(2) == labels.repeat_interleave(4)).sum(1)
-    rows = 4 * len(data.test_labels)
-    return {"ss_top1": (100.0 * ss_correct / rows).tolist(), "class_top1": (100.0 * class_correct / rows).tolist()}
-
-
 # =================================================================================================
 # RUN BOOKKEEPING: arguments, logging, checkpoints, teachers
 # =================================================================================================
@@ -1372,39 +1386,60 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-# Fields that are fractions: SSKD's selective-transfer keep ratios, PS-KD's and LSSKD's final alpha.
-FRACTION_FIELDS = ("ratio_tf", "ratio_ss", "alpha_T")
+# The range of every number a method file takes, by field name: refused at argument time, before any work.
+# tests/test_layout.py checks that every int, float and tuple field of every Args class is listed here.
+FIELD_RANGES = {
+    "at least 1": (
+        *("epochs", "batch_size", "eval_batch_size", "train_subset", "branches"),
+        *("ce_teacher_epochs", "t_epochs", "teacher_epochs"),
+    ),
+    "positive": (*("learning_rate", "t_lr", "teacher_lr", "lr_gamma"), *("kd_T", "tf_T", "ss_T", "head_T", "sad_tau")),
+    "0 or more": (
+        *("warmup_epochs", "weight_decay", "ce_weight", "kd_weight", "tf_weight", "ss_weight"),
+        *("kl_p_weight", "kl_q_weight", "student_aux_ce_weight", "lambda_sad", "lambda_kl", "lambda_feat"),
+    ),
+    "in [0, 1)": ("momentum",),
+    "in [0, 1]": ("ratio_tf", "ratio_ss", "alpha_T"),
+    "in [0, 100]": ("teacher_expected_acc",),
+    "0-based epochs (0 or more)": ("lr_milestones", "t_milestones", "teacher_milestones"),
+    "a whole number": ("seed", "head_seed", "teacher_seed"),
+}
+RANGE_TESTS = {
+    "at least 1": lambda value: value >= 1,
+    "positive": lambda value: value > 0,
+    "0 or more": lambda value: value >= 0,
+    "in [0, 1)": lambda value: 0 <= value < 1,
+    "in [0, 1]": lambda value: 0 <= value <= 1,
+    "in [0, 100]": lambda value: 0 <= value <= 100,
+    "0-based epochs (0 or more)": lambda value: all(epoch >= 0 for epoch in value),
+    "a whole number": lambda value: True,
+    "a finite number": lambda value: True,  # a field of a class outside this repository
+}
+RANGE_OF_FIELD = {name: rule for rule, names in FIELD_RANGES.items() for name in names}
+
+
+def _range_problem(name, value):
+    """Why `value` is out of the field's range (FIELD_RANGES), or None. NaN and infinities never pass."""
+    rule = RANGE_OF_FIELD.get(name, "a finite number")
+    numbers = value if isinstance(value, tuple) else (value,)
+    if not all(math.isfinite(number) for number in numbers):
+        return f"{_flag(name)} {value} must be a finite number, {rule}"
+    return None if RANGE_TESTS[rule](value) else f"{_flag(name)} {value} must be {rule}"
 
 
 def check_common_args(args):
-    """Refuse values no run can use, by the fields' names, so every script checks them before any work:
-    epoch counts and batch sizes at least 1 (a warm-up may be 0), a positive --train-subset, positive
-    learning rates and temperatures, momentum in [0, 1), non-negative weight decay and milestones, and
-    output folders that can be created. Method-specific ranges are checked by each method file."""
+    """Refuse values no run can use, so every script checks them before any work: every number against
+    its range in FIELD_RANGES (NaN and infinities refused everywhere), and output folders that can be
+    created. An unset (None) optional number is left to the script's recipe."""
     values = dataclasses.asdict(args)
     problems = []
     for name, value in values.items():
-        if value is None or isinstance(value, bool):
+        if value is None or isinstance(value, (bool, str)):
             continue
-        if (name.endswith("epochs") and name != "warmup_epochs") or name.endswith("batch_size") or name == "branches":
-            if value < 1:
-                problems.append(f"{_flag(name)} {value} must be at least 1")
-        elif name == "warmup_epochs" and value < 0:
-            problems.append(f"{_flag(name)} {value} must be 0 or more")
-        elif name == "train_subset" and value < 1:
+        if name == "train_subset" and value < 1:
             problems.append(f"--train-subset {value} must be a positive number of images (leave it unset for all)")
-        elif (
-            name.endswith(("learning_rate", "_lr", "_tau")) or (name.endswith("_T") and name != "alpha_T")
-        ) and value <= 0:
-            problems.append(f"{_flag(name)} {value} must be positive")
-        elif name.endswith("momentum") and not 0 <= value < 1:
-            problems.append(f"{_flag(name)} {value} must be in [0, 1)")
-        elif name.endswith("weight_decay") and value < 0:
-            problems.append(f"{_flag(name)} {value} must be 0 or more")
-        elif name in FRACTION_FIELDS and not 0 <= value <= 1:
-            problems.append(f"{_flag(name)} {value} must be a fraction in [0, 1]")
-        elif name.endswith("milestones") and any(epoch < 0 for epoch in value):
-            problems.append(f"{_flag(name)} {value} must be 0-based epochs (0 or more)")
+        elif problem := _range_problem(name, value):
+            problems.append(problem)
     for name in ("output_dir", "checkpoint_dir"):
         if name in values and (problem := _unwritable(Path(values[name]))):
             problems.append(f"{_flag(name)} {values[name]}: {problem}")
@@ -1792,9 +1827,83 @@ def model_from_checkpoint(arch, num_classes, checkpoint, source, build=None):
     return model
 
 
-def load_model_file(arch, num_classes, path, what="checkpoint", remedy=None):
+def load_model_file(arch, num_classes, path):
     """Build `arch` and load weights from `path` (any supported format, loaded safely)."""
-    return model_from_checkpoint(arch, num_classes, load_checkpoint(path, what, remedy), str(path))
+    return model_from_checkpoint(arch, num_classes, load_checkpoint(path), str(path))
+
+
+def write_summary(run_dir, args, best, last, method, **extra):
+    """The small JSON every run ends with: last-epoch top-1 is the primary number, best-epoch top-1 (with its
+    1-based epoch) is labelled as such; the method, the device and versions it ran on, every argument, and
+    any argument changes accepted on resume (resumes.jsonl)."""
+    resumes = Path(run_dir) / "resumes.jsonl"
+    summary = {
+        "method": method,
+        "last_top1": last["top1"],
+        "last_top5": last["top5"],
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"] + 1,
+        **extra,
+        "seed": args.seed,
+        "git_commit": git_commit(),
+        **runtime_info(resolve_device(args.device)),
+        "args": dataclasses.asdict(args),
+    }
+    if resumes.exists():
+        summary["resumed_with_changes"] = [json.loads(line) for line in resumes.read_text().splitlines() if line]
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"done: last-epoch test top1 {last['top1']:.2f} (primary), best-epoch top1 {best['top1']:.2f} "
+        f"at epoch {best['epoch'] + 1}; summary in {Path(run_dir) / 'summary.json'}",
+        flush=True,
+    )
+    return summary
+
+
+# =================================================================================================
+# TEACHERS AND CACHED STAGES: what a student needs first, top-down from load_teacher
+# =================================================================================================
+
+
+def load_teacher(args, data, device):
+    """The teacher for distillation, in eval mode and frozen, with its test accuracy printed.
+    Uses --teacher-path, else the cached checkpoint, else trains one with baseline.py first."""
+    path = cached_stage(args.teacher_path, teacher_cache_path(args), lambda cache: train_teacher(args, cache))
+    remedy = None if args.teacher_path else "It is a cached teacher: delete it and rerun to train it again."
+    checkpoint = load_checkpoint(path, "teacher checkpoint", remedy)
+    teacher = model_from_checkpoint(args.teacher, data.num_classes, checkpoint, str(path))  # architecture, classes
+    check_teacher_normalization(checkpoint, args, path)
+    teacher = prepare_model(teacher, device, args.amp)
+    teacher.eval().requires_grad_(False)
+    result = evaluate(teacher, data, args.eval_batch_size, args.amp)
+    print(f"teacher {args.teacher} from {path}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}", flush=True)
+    expected = args.teacher_expected_acc
+    full_recipe = args.teacher_path or path.stem == args.teacher  # not a reduced quick-run teacher
+    if expected is None and args.dataset == "cifar100" and full_recipe:
+        expected = EXPECTED_TEACHER_TOP1.get(args.teacher)
+    if expected is not None and abs(result["top1"] - expected) > 0.5:
+        message = f"teacher top1 {result['top1']:.2f} differs from the expected {expected:.2f} by more than 0.5"
+        if args.strict_teacher_check:
+            raise ConfigError(message + " (--strict-teacher-check is on)")
+        print(f"warning: {message}", flush=True)
+    return teacher, result | {"file": path}
+
+
+def check_teacher_normalization(checkpoint, args, source):
+    """A teacher whose checkpoint records its --normalize must have been trained on the inputs the student
+    feeds it; otherwise refuse, or warn with --allow-teacher-normalize-mismatch. Community files record
+    nothing and are trusted."""
+    recorded = checkpoint.get("args", {}).get("normalize") if isinstance(checkpoint.get("args"), dict) else None
+    if recorded is None or recorded not in NORMALIZE or same_normalization(recorded, args.normalize):
+        return
+    message = (
+        f"{source} was trained with --normalize {recorded}, but this run feeds it --normalize "
+        f"{args.normalize}: its accuracy would drop. Pass --normalize {recorded}, or delete the file so "
+        f"that it is retrained with this run's data settings"
+    )
+    if not getattr(args, "allow_teacher_normalize_mismatch", False):
+        raise ConfigError(message + " (or --allow-teacher-normalize-mismatch to use it anyway).")
+    print(f"warning: {message}.", flush=True)
 
 
 # Published teacher accuracies of the RepDistiller/mdistiller checkpoints (RepDistiller's README).
@@ -1817,87 +1926,6 @@ def teacher_cache_path(args):
     if not same_normalization(args.normalize, default_normalize(args.dataset, "repdistiller")):
         suffix += f"_norm-{args.normalize}"  # the dataset's usual constants keep the plain name
     return Path(args.checkpoint_dir) / args.dataset / f"{args.teacher}{suffix}.pth"
-
-
-@contextlib.contextmanager
-def cache_lock(path):
-    """Hold an exclusive lock on <path>.lock while a cached stage is looked up and, if missing, trained and
-    written: concurrent runs (a sweep's jobs) that need the same cache train it once; the others wait,
-    then load it. POSIX advisory lock (fcntl); where fcntl is missing, no lock is taken."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock_path = Path(path).with_name(Path(path).name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another run that is preparing {path}", flush=True)
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def cached_stage(given_path, cache_path, train, seed=None):
-    """The rule of every stage a student needs first (the CE teacher, SSKD's teacher head, HSAKD's stage 1):
-    the file the user gave, else the cached file, else `train(cache_path)` writes it. Training runs under
-    `cache_lock`, so concurrent runs that need the same stage train it once. With `seed`, training draws
-    from its own random stream seeded with it, and the caller's stream is left as it was: the stage is the
-    same for every student seed, and the student the same whether the stage was trained, cached or given.
-    Returns the file to load."""
-    if given_path:
-        return Path(given_path)
-    with cache_lock(cache_path):
-        if not Path(cache_path).exists():
-            with torch.random.fork_rng(devices=[], enabled=seed is not None):
-                if seed is not None:
-                    torch.default_generator.manual_seed(seed)
-                train(cache_path)
-    return Path(cache_path)
-
-
-def publish_stage(checkpoint_file, cache_path, what, **provenance):
-    """Copy a finished stage run's checkpoint into the cache as weights only (model, arch, num_classes,
-    epoch, args) plus `provenance`; the atomic save means a half-written cache file never exists."""
-    checkpoint = load_checkpoint(checkpoint_file, what)
-    weights = {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
-    save_checkpoint(cache_path, weights | provenance)
-
-
-def stage_digest(length, *parts):
-    """The digest in a cached stage's file name: sha1 over `parts` in order, each a file (its bytes), a dict
-    (its sorted JSON) or None (skipped). It covers everything the stage depends on, so a changed teacher or
-    recipe never reuses a stale file; the student's --seed stays out, so seeds share a stage."""
-    digest = hashlib.sha1()
-    for part in parts:
-        if isinstance(part, dict):
-            digest.update(json.dumps(part, sort_keys=True).encode())
-        elif part is not None:
-            digest.update(Path(part).read_bytes())
-    return digest.hexdigest()[:length]
-
-
-def die_with_parent(parent_pid):
-    """preexec_fn of a stage's child process: it receives SIGTERM when the method script that started it
-    dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG), so no orphaned training is left behind."""
-
-    def set_death_signal():
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return  # not Linux: no such guarantee
-        if os.getppid() != parent_pid:  # the parent died before the signal was armed
-            os._exit(1)
-
-    return set_death_signal
 
 
 def train_teacher(args, cache_path):
@@ -1941,70 +1969,82 @@ def train_teacher(args, cache_path):
     publish_stage(last_file, cache_path, "the teacher run's last checkpoint")
 
 
-def check_teacher_normalization(checkpoint, args, source):
-    """A teacher whose checkpoint records its --normalize must have been trained on the inputs the student
-    feeds it; otherwise refuse, or warn with --allow-teacher-normalize-mismatch. Community files record
-    nothing and are trusted."""
-    recorded = checkpoint.get("args", {}).get("normalize") if isinstance(checkpoint.get("args"), dict) else None
-    if recorded is None or recorded not in NORMALIZE or same_normalization(recorded, args.normalize):
+def die_with_parent(parent_pid):
+    """preexec_fn of a stage's child process: it receives SIGTERM when the method script that started it
+    dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG), so no orphaned training is left behind."""
+
+    def set_death_signal():
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return  # not Linux: no such guarantee
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return set_death_signal
+
+
+def cached_stage(given_path, cache_path, train, seed=None):
+    """The rule of every stage a student needs first (the CE teacher, SSKD's teacher head, HSAKD's stage 1):
+    the file the user gave, else the cached file, else `train(cache_path)` writes it. Training runs under
+    `cache_lock`, so concurrent runs that need the same stage train it once. With `seed`, training draws
+    from its own random stream seeded with it, and the caller's stream is left as it was: the stage is the
+    same for every student seed, and the student the same whether the stage was trained, cached or given.
+    Returns the file to load."""
+    if given_path:
+        return Path(given_path)
+    with cache_lock(cache_path):
+        if not Path(cache_path).exists():
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.default_generator.manual_seed(seed)
+                train(cache_path)
+    return Path(cache_path)
+
+
+@contextlib.contextmanager
+def cache_lock(path):
+    """Hold an exclusive lock on <path>.lock while a cached stage is looked up and, if missing, trained and
+    written: concurrent runs (a sweep's jobs) that need the same cache train it once; the others wait,
+    then load it. POSIX advisory lock (fcntl); where fcntl is missing, no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
         return
-    message = (
-        f"{source} was trained with --normalize {recorded}, but this run feeds it --normalize "
-        f"{args.normalize}: its accuracy would drop. Pass --normalize {recorded}, or delete the file so "
-        f"that it is retrained with this run's data settings"
-    )
-    if not getattr(args, "allow_teacher_normalize_mismatch", False):
-        raise ConfigError(message + " (or --allow-teacher-normalize-mismatch to use it anyway).")
-    print(f"warning: {message}.", flush=True)
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another run that is preparing {path}", flush=True)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def load_teacher(args, data, device):
-    """The teacher for distillation, in eval mode and frozen, with its test accuracy printed.
-    Uses --teacher-path, else the cached checkpoint, else trains one with baseline.py first."""
-    path = cached_stage(args.teacher_path, teacher_cache_path(args), lambda cache: train_teacher(args, cache))
-    remedy = None if args.teacher_path else "It is a cached teacher: delete it and rerun to train it again."
-    checkpoint = load_checkpoint(path, "teacher checkpoint", remedy)
-    teacher = model_from_checkpoint(args.teacher, data.num_classes, checkpoint, str(path))  # architecture, classes
-    check_teacher_normalization(checkpoint, args, path)
-    teacher = prepare_model(teacher, device, args.amp)
-    teacher.eval().requires_grad_(False)
-    result = evaluate(teacher, data, args.eval_batch_size, args.amp)
-    print(f"teacher {args.teacher} from {path}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}", flush=True)
-    expected = args.teacher_expected_acc
-    full_recipe = args.teacher_path or path.stem == args.teacher  # not a reduced quick-run teacher
-    if expected is None and args.dataset == "cifar100" and full_recipe:
-        expected = EXPECTED_TEACHER_TOP1.get(args.teacher)
-    if expected is not None and abs(result["top1"] - expected) > 0.5:
-        message = f"teacher top1 {result['top1']:.2f} differs from the expected {expected:.2f} by more than 0.5"
-        if args.strict_teacher_check:
-            raise ConfigError(message + " (--strict-teacher-check is on)")
-        print(f"warning: {message}", flush=True)
-    return teacher, result | {"file": path}
+def publish_stage(checkpoint_file, cache_path, what, **provenance):
+    """Copy a finished stage run's checkpoint into the cache as weights only (model, arch, num_classes,
+    epoch, args) plus `provenance`; the atomic save means a half-written cache file never exists."""
+    checkpoint = load_checkpoint(checkpoint_file, what)
+    weights = {key: checkpoint[key] for key in ("model", "arch", "num_classes", "epoch", "args")}
+    save_checkpoint(cache_path, weights | provenance)
 
 
-def write_summary(run_dir, args, best, last, method, **extra):
-    """The small JSON every run ends with: last-epoch top-1 is the primary number, best-epoch top-1 (with its
-    1-based epoch) is labelled as such; the method, the device and versions it ran on, every argument, and
-    any argument changes accepted on resume (resumes.jsonl)."""
-    resumes = Path(run_dir) / "resumes.jsonl"
-    summary = {
-        "method": method,
-        "last_top1": last["top1"],
-        "last_top5": last["top5"],
-        "best_top1": best["top1"],
-        "best_epoch": best["epoch"] + 1,
-        **extra,
-        "seed": args.seed,
-        "git_commit": git_commit(),
-        **runtime_info(resolve_device(args.device)),
-        "args": dataclasses.asdict(args),
-    }
-    if resumes.exists():
-        summary["resumed_with_changes"] = [json.loads(line) for line in resumes.read_text().splitlines() if line]
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"done: last-epoch test top1 {last['top1']:.2f} (primary), best-epoch top1 {best['top1']:.2f} "
-        f"at epoch {best['epoch'] + 1}; summary in {Path(run_dir) / 'summary.json'}",
-        flush=True,
-    )
-    return summary
+def stage_digest(length, *parts):
+    """The digest in a cached stage's file name: sha1 over `parts` in order, each a file (its bytes), a dict
+    (its sorted JSON) or None (skipped). It covers everything the stage depends on, so a changed teacher or
+    recipe never reuses a stale file; the student's --seed stays out, so seeds share a stage."""
+    digest = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, dict):
+            digest.update(json.dumps(part, sort_keys=True).encode())
+        elif part is not None:
+            digest.update(Path(part).read_bytes())
+    return digest.hexdigest()[:length]

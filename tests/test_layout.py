@@ -124,6 +124,55 @@ def test_cached_stage_uses_the_given_file_else_the_cache_else_trains_once(tmp_pa
     assert common.cached_stage(None, cache, train) == cache and trained == [cache]  # cached: not trained again
 
 
+def test_a_seeded_stage_draws_from_its_own_stream_and_leaves_the_callers(tmp_path):
+    drawn = []
+
+    def train(path):
+        drawn.append(torch.rand(3))
+        path.write_text("stage")
+
+    torch.manual_seed(5)
+    common.cached_stage(None, tmp_path / "a.pth", train, seed=0)
+    after_stage = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_stage, torch.rand(3))  # the caller's stream is where it was
+    torch.manual_seed(0)
+    assert torch.equal(drawn[0], torch.rand(3))  # the stage drew from seed 0
+    common.cached_stage(None, tmp_path / "b.pth", train, seed=0)
+    assert torch.equal(drawn[1], drawn[0])  # the same stage for every caller seed
+
+
+@pytest.mark.parametrize("module_name", ALL_FILES)
+def test_every_number_a_method_takes_has_a_range(module_name):
+    args_class = importlib.import_module(module_name).Args
+    hints = __import__("typing").get_type_hints(args_class)
+    numeric = [
+        field.name
+        for field in dataclasses.fields(args_class)
+        if any(kind in (int, float) or getattr(kind, "__origin__", None) is tuple for kind in (hints[field.name],))
+        or str(hints[field.name]) in ("typing.Optional[int]", "typing.Optional[float]")
+    ]
+    assert numeric and all(name in common.RANGE_OF_FIELD for name in numeric), [
+        name for name in numeric if name not in common.RANGE_OF_FIELD
+    ]
+
+
+@pytest.mark.parametrize("module_name", ALL_FILES)
+def test_method_files_have_no_lambda_names_and_no_nested_defs(module_name):
+    tree = ast.parse((REPO / f"{module_name}.py").read_text())
+    lambdas = [
+        node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda)
+    ]
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    nested = [
+        inner.name
+        for outer in functions
+        for inner in ast.walk(outer)
+        if isinstance(inner, ast.FunctionDef) and inner is not outer
+    ]
+    assert not lambdas and not nested, (lambdas, nested)
+
+
 def test_stage_digest_reads_files_and_sorted_dicts_in_order(tmp_path):
     import hashlib
     import json

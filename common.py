@@ -36,6 +36,7 @@ import pickle
 import random
 import subprocess
 import sys
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -1255,14 +1256,31 @@ def topk_counts(logits, labels):
 
 
 class Meter:
-    """Sums of per-batch metrics kept on the device; one host sync per epoch in `averages`."""
+    """Sums of per-batch metrics kept on the device; one host sync per epoch in `averages`. A training
+    meter (given its run folder) also looks at its loss sums every CHECK_EVERY steps, so a run whose
+    loss went NaN or inf stops within that many steps, not at the end of the epoch."""
 
-    def __init__(self):
+    CHECK_EVERY = 10  # steps; each look is one host sync
+
+    def __init__(self, run_dir=None, remedy=None, hint=None):
         self.sums, self.counts = {}, {}
+        self.run_dir, self.remedy, self.hint, self.steps = run_dir, remedy, hint, 0
 
     def add(self, name, value, count):
         self.sums[name] = self.sums.get(name, 0) + value.detach().float() * count
         self.counts[name] = self.counts.get(name, 0) + count
+        if self.run_dir is not None and name == next(iter(self.sums)):  # the step's first metric: a new step
+            self.steps += 1
+            if self.steps % self.CHECK_EVERY == 0:
+                self._stop_if_not_finite()
+
+    def _stop_if_not_finite(self):
+        losses = [name for name in self.sums if name.startswith("loss/")]
+        finite = torch.stack([torch.isfinite(self.sums[name]) for name in losses]).tolist()
+        bad = [name for name, ok in zip(losses, finite) if not ok]
+        if bad:
+            message = f"{', '.join(bad)} became non-finite by step {self.steps} of this epoch."
+            raise FloatingPointError(_with_advice(message, self.run_dir, self.remedy, self.hint))
 
     def add_sum(self, name, total, count):
         self.sums[name] = self.sums.get(name, 0) + total.detach().float()
@@ -1277,16 +1295,26 @@ class Meter:
         return {name: value / self.counts[name] for name, value in zip(self.sums, values)}
 
 
-def check_finite(metrics, epoch, run_dir, remedy=None):
+def check_finite(metrics, epoch, run_dir, remedy=None, hint=None):
     """Stop with advice when a loss went NaN/inf; the last good epoch is already on disk. `remedy` replaces
-    the advice for a stage with its own lr flag or without a checkpoint to resume from."""
+    the advice for a stage with its own lr flag or without a checkpoint to resume from; `hint` is the
+    method's own advice, said first."""
     bad = [name for name, value in metrics.items() if name.startswith("loss/") and not math.isfinite(value)]
     if bad:
-        remedy = remedy or (
-            f"The checkpoint of the last finished epoch is in {run_dir}; "
-            f"lower --learning-rate or turn off --amp, then rerun with --resume."
-        )
-        raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch + 1}. {remedy}")
+        message = f"{', '.join(bad)} became non-finite in epoch {epoch + 1}."
+        raise FloatingPointError(_with_advice(message, run_dir, remedy, hint))
+
+
+def _with_advice(message, run_dir, remedy, hint):
+    return " ".join(part for part in (message, hint, remedy or _advice(run_dir)) if part)
+
+
+def _advice(run_dir):
+    """What to do after a non-finite loss: resume from the last finished epoch, or, when none finished, rerun."""
+    if (Path(run_dir) / "last.pth").exists():
+        where = f"The checkpoint of the last finished epoch is {Path(run_dir) / 'last.pth'}; "
+        return where + "lower --learning-rate or turn off --amp, then rerun with --resume."
+    return f"No epoch finished, so {run_dir} holds no checkpoint: lower --learning-rate or turn off --amp and rerun."
 
 
 # =================================================================================================
@@ -1448,7 +1476,9 @@ def check_common_args(args):
 
 
 def _unwritable(folder):
-    """Why `folder` cannot be created or written, or None. Creates nothing."""
+    """Why `folder` cannot be created or written, or None. Leaves nothing behind: it writes one temporary
+    file into the nearest existing folder, because permission bits do not tell root that /proc is not
+    writable."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -1456,6 +1486,11 @@ def _unwritable(folder):
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"{existing} is not writable ({err.strerror or type(err).__name__})"
     return None
 
 
@@ -1520,6 +1555,14 @@ def _optional_import(module, package):
         raise ConfigError(f"this option needs the {package} package: pip install {package}") from None
 
 
+def _logged_epoch(line):
+    """The epoch of a metrics.jsonl line; a line cut off by a kill or a full disk counts as not logged."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class Logger:
     """Per-epoch metrics: one stdout line, runs/<run>/metrics.jsonl, and optionally TensorBoard
     (`--tensorboard`) and Weights & Biases (`--track`), both imported only when asked for."""
@@ -1527,9 +1570,7 @@ class Logger:
     def __init__(self, run_dir, args, start_epoch=0, file_name="metrics.jsonl", tracking=True):
         self.path = Path(run_dir) / file_name
         if self.path.exists():  # on resume, drop epochs that will be run again (lines carry 1-based epochs)
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= start_epoch
-            ]
+            kept = [line for line in self.path.read_text().splitlines() if _logged_epoch(line) <= start_epoch]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tensorboard = self.wandb = None
         if tracking and getattr(args, "tensorboard", False):
@@ -1664,6 +1705,10 @@ def load_checkpoint(path, what="checkpoint", remedy=None):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ConfigError(
+            f"{what} {path} is empty (0 bytes), not a PyTorch checkpoint." + (f" {remedy}" if remedy else "")
+        )
     try:
         with torch.serialization.safe_globals(_checkpoint_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -1677,7 +1722,7 @@ def load_checkpoint(path, what="checkpoint", remedy=None):
         ) from None
     except Exception as err:  # truncated zip, garbage bytes, wrong format
         raise ConfigError(
-            f"{what} {path} could not be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"{what} {path} could not be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
             f"it is truncated or not a PyTorch checkpoint." + (f" {remedy}" if remedy else "")
         ) from None
 
@@ -1898,9 +1943,10 @@ def check_teacher_normalization(checkpoint, args, source):
         return
     message = (
         f"{source} was trained with --normalize {recorded}, but this run feeds it --normalize "
-        f"{args.normalize}: its accuracy would drop. Pass --normalize {recorded}, or delete the file so "
-        f"that it is retrained with this run's data settings"
+        f"{args.normalize}: its accuracy would drop. Pass --normalize {recorded}"
     )
+    if not args.teacher_path:  # a cached teacher: retraining it is an option; a user's file is theirs
+        message += ", or delete the file so that it is retrained with this run's data settings"
     if not getattr(args, "allow_teacher_normalize_mismatch", False):
         raise ConfigError(message + " (or --allow-teacher-normalize-mismatch to use it anyway).")
     print(f"warning: {message}.", flush=True)
@@ -1951,8 +1997,9 @@ def train_teacher(args, cache_path):
         args.output_dir,
         "--run-name",
         run_name,
-        "--resume",
     ]
+    if (Path(args.output_dir) / run_name / "last.pth").exists():  # an interrupted teacher run continues
+        command.append("--resume")
     if args.train_subset:
         command += ["--train-subset", str(args.train_subset)]
     if args.device:
@@ -2009,24 +2056,95 @@ def cached_stage(given_path, cache_path, train, seed=None):
 def cache_lock(path):
     """Hold an exclusive lock on <path>.lock while a cached stage is looked up and, if missing, trained and
     written: concurrent runs (a sweep's jobs) that need the same cache train it once; the others wait,
-    then load it. POSIX advisory lock (fcntl); where fcntl is missing, no lock is taken."""
+    then load it. A POSIX advisory lock (fcntl) where the file system supports it; otherwise (Windows, an
+    NFS mount without locks) an exclusive lock file (_lock_file_held)."""
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:
-        yield
-        return
-    lock_path = Path(path).with_name(Path(path).name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fcntl = None
     with open(lock_path, "a") as lock_file:
         try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another run that is preparing {path}", flush=True)
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            if fcntl is None:
+                raise OSError("no fcntl")
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another run that is preparing {path}", flush=True)
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+        except OSError:  # no advisory locks here: fall back to a lock file
+            with _lock_file_held(lock_path.with_name(lock_path.name + ".held"), path):
+                yield
+            return
         try:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+LOCK_HEARTBEAT_SECONDS = 30  # how often a lock file's holder touches it
+LOCK_STALE_SECONDS = 300  # a lock file untouched this long belongs to a dead holder
+
+
+@contextlib.contextmanager
+def _lock_file_held(held_path, path):
+    """An exclusive lock as a file created with O_EXCL (atomic on local disks and NFS v3+), naming its
+    holder (host, pid). A thread touches it every LOCK_HEARTBEAT_SECONDS; a lock file whose holder is a
+    dead process on this host, or that nobody touched for LOCK_STALE_SECONDS, is stale and taken over."""
+    import socket
+    import threading
+
+    holder = f"{socket.gethostname()} {os.getpid()}"
+    announced = False
+    while True:
+        try:
+            descriptor = os.open(held_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if _stale_lock(held_path):
+                held_path.unlink(missing_ok=True)
+                continue
+            if not announced:
+                print(f"waiting for another run that is preparing {path} ({held_path})", flush=True)
+                announced = True
+            time.sleep(1)
+    with os.fdopen(descriptor, "w") as held:
+        held.write(holder)
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(LOCK_HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(held_path)
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        held_path.unlink(missing_ok=True)
+
+
+def _stale_lock(held_path):
+    """Whether a lock file's holder is gone: a dead pid on this host, or no heartbeat for LOCK_STALE_SECONDS."""
+    import socket
+
+    try:
+        host, pid = held_path.read_text().split()
+        age = time.time() - held_path.stat().st_mtime
+    except (OSError, ValueError):
+        return False  # being written or just removed: look again
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return age > LOCK_STALE_SECONDS
 
 
 def publish_stage(checkpoint_file, cache_path, what, **provenance):

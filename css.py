@@ -65,7 +65,7 @@ class Args:
     model_t: str = "css_resnet110"
     """first network, net1 (the larger; it learns too): css_resnet56/110/wide_resnet20_8"""
     model_s: str = "css_resnet56"
-    """second network, net2: its accuracy is the primary test/top1"""
+    """second network, net2: its accuracy is test/top1"""
     epochs: int = 300
     """number of training epochs"""
     batch_size: int = 128
@@ -104,7 +104,7 @@ class Args:
     log_branch_top1: bool = True
     """[INTERP] also log each branch's test top-1 on its own slot (a diagnostic)"""
     distill: bool = True
-    """false drops both KD terms: each network trains alone on its joint-label CE (the baseline)"""
+    """false drops both KD terms: each network trains alone on its CE (the baseline)"""
 
 
 class CssBottleneck(nn.Module):
@@ -165,6 +165,7 @@ class CssMultiBranchResNet(nn.Module):
 # resnet_css.py's resnet56, resnet110 and wide_resnet20_8: (blocks per stage, block)
 CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck)}
 CSS_RESNETS["css_wide_resnet20_8"] = (2, CssWideBottleneck)
+DIVERGENCE_HINT = "CSS's official step diverges at small scale: try --detach-kd-target true (docs/css.md)."
 CSS_KIND = "CSS multi-branch network; the zoo's resnet56/110 are single-branch"
 
 
@@ -207,17 +208,20 @@ def branch_joint_labels(labels, branches):
 
 
 def branch_ce_loss(branch_logits, labels):
-    """CE_n = (1/n_b) sum_i CE(z_i, y * n_b + i), batch means; [N, C*n_b, n_b] (a K-dim CE)."""
+    """CE_n = (1/n_b) sum_i CE(z_i, y * n_b + i), batch means; [N, C*n_b, n_b]."""
     return F.cross_entropy(branch_logits, branch_joint_labels(labels, branch_logits.shape[2]))
 
 
 def branch_kd_loss(learner_logits, target_logits, temperature):
     """T^2 * (1/n_b) sum_i KL(softmax(target_i / T) || softmax(learner_i / T)), batchmean, over the
-    C*n_b-way distributions of same-numbered branches [N, C*n_b, n_b]; the target is used as given."""
+    C*n_b-way distributions of same-numbered branches [N, C*n_b, n_b]; the target is used as given,
+    as a log-softmax: a target probability of exactly 0 adds 0 and a zero gradient, as in CSS's
+    torch 1.0.1, not NaN."""
     log_learner = F.log_softmax(learner_logits / temperature, dim=1)
-    target_probs = F.softmax(target_logits / temperature, dim=1)
+    log_target = F.log_softmax(target_logits / temperature, dim=1)
     rows, _, branches = learner_logits.shape
-    return F.kl_div(log_learner, target_probs, reduction="sum") / (rows * branches) * temperature**2
+    kl = F.kl_div(log_learner, log_target, reduction="sum", log_target=True)
+    return kl / (rows * branches) * temperature**2
 
 
 def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, detach_ratio=False):
@@ -236,14 +240,14 @@ def css_loss(logits_t, logits_s, labels, temperature, detach_kd_target=False, de
 
 
 def own_slot_logits(branch_logits):
-    """Branch i's logits of its own slot: [N, C*n_b, n_b] -> [N, C, n_b], [n, c, i] = z_i[n, c*n_b+i]."""
+    """Branch i's own-slot logits: [N, C*n_b, n_b] -> [N, C, n_b], [n, c, i] = z_i[n, c*n_b+i]."""
     rows, joint, branches = branch_logits.shape
     by_slot = branch_logits.reshape(rows, joint // branches, branches, branches)  # [N, C, slot, i]
     return by_slot.diagonal(dim1=2, dim2=3)
 
 
 def aggregate_branches(branch_logits):
-    """A network's prediction (train.py): agg[c] = (1/n_b) sum_i z_i[c * n_b + i]. -> [N, C]."""
+    """A network's prediction (train.py): agg[c] = (1/n_b) sum_i z_i[c * n_b + i], [N, C]."""
     return own_slot_logits(branch_logits).mean(dim=2)
 
 
@@ -251,7 +255,7 @@ def branch_diversity(logits_t, logits_s):
     """OKDDip's diversity per image (docs/css.md): mean L2 distance of the 2 n_b branch softmaxes,
     over all pairs and over the n_b (net1 i, net2 i) pairs. Returns two [N] tensors."""
     branches = logits_t.shape[2]
-    probs = F.softmax(torch.cat([logits_t, logits_s], dim=2), dim=1).transpose(1, 2)  # [N, 2n_b, C*n_b]
+    probs = F.softmax(torch.cat([logits_t, logits_s], dim=2), dim=1).transpose(1, 2)  # [N, 2n_b, K]
     distances = torch.cdist(probs, probs)  # [N, 2n_b, 2n_b]
     all_pairs = distances.triu(1).sum(dim=(1, 2)) / (branches * (2 * branches - 1))
     same_numbered = distances.diagonal(offset=branches, dim1=1, dim2=2).mean(dim=1)
@@ -304,9 +308,8 @@ if __name__ == "__main__":
     net_t = common.prepare_model(net_t, device, args.amp)
     net_s = common.prepare_model(net_s, device, args.amp)
     for name, net in (("net1", net_t), ("net2", net_s)):
-        parameters = sum(map(torch.numel, net.parameters()))
-        print(f"{name}: {net.arch}, {args.branches} branches, {parameters:,} parameters", flush=True)
-    size = data.train_images.shape[2] // 2  # the masked map is layer2's output: 16x16 on CIFAR
+        print(f"{name}: {net.arch}, {args.branches} branches, {sum(map(torch.numel, net.parameters())):,} parameters")
+    size = data.train_images.shape[2] // 2  # the masked map is layer2's output
     masks = branch_masks(args.mask, args.branches, size, size, args.literal_mask3, device)
     base_lr = 0.1 if args.learning_rate is None else args.learning_rate  # train.py's lr
     optimizer_t = common.make_sgd(net_t.parameters(), base_lr, args)
@@ -328,7 +331,7 @@ if __name__ == "__main__":
         net_t.train()
         net_s.train()
         # --- END METHOD ---
-        meter = common.Meter()
+        meter = common.Meter(run_dir, hint=DIVERGENCE_HINT)
         epoch_start = time.time()
         generator = common.epoch_generator(args.seed, epoch)
         for images, labels, _ in common.train_batches(data, args.batch_size, generator):
@@ -357,7 +360,7 @@ if __name__ == "__main__":
             # --- END METHOD ---
 
         metrics = meter.averages()
-        common.check_finite(metrics, epoch, run_dir)
+        common.check_finite(metrics, epoch, run_dir, hint=DIVERGENCE_HINT)
         images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         # --- METHOD: net1, net2 (primary) and ensemble test accuracies, each with its best ---
         result = evaluate_css(net_t, net_s, masks, data, args)

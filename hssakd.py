@@ -188,6 +188,7 @@ def stage1_recipe(args):
 
 
 # What stage 1 depends on besides the CE teacher file (the cache name carries their digest).
+STAGE1_ADVICE = "Lower --teacher-lr or turn off --amp, then rerun."
 STAGE1_RECIPE = ("teacher_mode", "dataset", "normalize", "train_subset", "batch_size", "teacher_lr", "lr_gamma")
 STAGE1_RECIPE += ("momentum", "nesterov", "weight_decay", "teacher_seed", "amp")
 
@@ -229,7 +230,7 @@ def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
         model.train()
         if frozen:
             model.backbone.eval()  # the CE teacher's BN statistics stay as they are
-        meter = common.Meter()
+        meter = common.Meter(run_dir, STAGE1_ADVICE)
         epoch_start = time.time()
         generator = common.epoch_generator(args.teacher_seed, epoch)
         for images, labels, _ in common.train_batches(data, args.batch_size, generator):
@@ -248,7 +249,7 @@ def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
                 meter.add(f"loss/{name}", value, len(labels))
             meter.add_top1("train/top1", logits[0::4], labels)
         metrics = meter.averages()
-        common.check_finite(metrics, epoch, run_dir, "Lower --teacher-lr or turn off --amp, then rerun.")
+        common.check_finite(metrics, epoch, run_dir, STAGE1_ADVICE)
         images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         result = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
         branches = common.auxiliary_accuracy(model, data, args.eval_batch_size, args.amp)
@@ -340,7 +341,7 @@ if __name__ == "__main__":
         lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
         student.train()
-        meter = common.Meter()
+        meter = common.Meter(run_dir)
         epoch_start = time.time()
         generator = common.epoch_generator(args.seed, epoch)
         for images, labels, _ in common.train_batches(data, args.batch_size, generator):

@@ -141,7 +141,7 @@ if __name__ == "__main__":
         lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
         student.train()
-        meter = common.Meter()
+        meter = common.Meter(run_dir)
         epoch_start = time.time()
         generator = common.epoch_generator(args.seed, epoch)
         for images, labels, _ in common.train_batches(data, args.batch_size, generator):

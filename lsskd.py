@@ -316,7 +316,7 @@ if __name__ == "__main__":
         alpha = lsskd_alpha(epoch, args.epochs, args.alpha_T, args.alpha_schedule)
         # --- END METHOD ---
         model.train()
-        meter = common.Meter()
+        meter = common.Meter(run_dir)
         epoch_start = time.time()
         generator = common.epoch_generator(args.seed, epoch)
         for images, labels, sample_ids in common.train_batches(data, args.batch_size, generator):

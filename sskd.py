@@ -248,7 +248,7 @@ def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
     for epoch in range(args.t_epochs):
         lr = common.lr_at_epoch(epoch, args.t_lr, args.t_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
-        meter = common.Meter()
+        meter = common.Meter(run_dir, HEAD_ADVICE)
         epoch_start = time.time()
         generator = common.epoch_generator(args.head_seed, epoch)
         for images, labels, _ in sskd_batches(data, args, generator):
@@ -264,7 +264,7 @@ def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
             meter.add("loss/head", loss, len(similarity))
             meter.add_top1("train/ss_top1", similarity, positives)
         metrics = meter.averages()
-        common.check_finite(metrics, epoch, run_dir, "Lower --t-lr or turn off --amp, then rerun.")
+        common.check_finite(metrics, epoch, run_dir, HEAD_ADVICE)
         images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         test_ss = ss_top1(teacher, head, data, args.batch_size, args.amp)
         metrics.update({"lr": lr, "test/ss_top1": test_ss, "speed/images_per_s": images_per_s})
@@ -276,6 +276,7 @@ def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
     common.save_checkpoint(cache_path, payload)
 
 
+HEAD_ADVICE = "Lower --t-lr or turn off --amp, then rerun."  # the head's stage has no --resume
 HEAD_RECIPE = ("dataset", "normalize", "train_subset", "batch_size", "t_epochs", "t_lr", "t_milestones", "lr_gamma")
 HEAD_RECIPE += ("momentum", "nesterov", "weight_decay", "head_T", "head_seed", "rotation_pipeline", "amp")
 
@@ -296,8 +297,7 @@ def load_teacher_head(path, feat_dim, device):
         message = f"{path} holds no projection head for a {feat_dim}-d feature (check --teacher)"
         raise common.ConfigError(f"{message}: {str(error).splitlines()[0]}") from None
     test_ss = checkpoint.get("test_ss_top1")
-    accuracy = f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""
-    print(f"teacher head from {path}{accuracy}", flush=True)
+    print(f"teacher head from {path}" + (f": test ss top1 {test_ss:.2f}" if test_ss is not None else ""), flush=True)
     return head.to(device).eval().requires_grad_(False), test_ss
 
 
@@ -345,7 +345,7 @@ if __name__ == "__main__":
         lr = common.lr_at_epoch(epoch, base_lr, args.lr_milestones, args.lr_gamma)
         common.set_lr(optimizer, lr)
         student.train()
-        meter = common.Meter()
+        meter = common.Meter(run_dir)
         epoch_start = time.time()
         generator = common.epoch_generator(args.seed, epoch)
         for images, labels, _ in sskd_batches(data, args, generator):

@@ -2,7 +2,9 @@
 parsing and checkpoint loading."""
 
 import dataclasses
+import os
 import pickle
+import sys
 from typing import Literal, Optional, Tuple
 
 import pytest
@@ -213,3 +215,77 @@ def test_check_finite_names_the_loss_and_gives_the_stage_its_own_advice(tmp_path
     with pytest.raises(FloatingPointError) as own:
         common.check_finite({"loss/head": float("nan")}, 0, tmp_path, "Lower --t-lr.")
     assert str(own.value) == "loss/head became non-finite in epoch 1. Lower --t-lr."
+
+
+# ---- the cache lock where fcntl locks are missing (Windows) or refused (NFS without locks) ----
+
+
+def _without_fcntl(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def refuse_fcntl(name, *args, **kwargs):
+        if name == "fcntl":
+            raise ImportError("no fcntl here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", refuse_fcntl)
+
+
+def test_without_fcntl_the_cache_lock_is_an_exclusive_lock_file(tmp_path, monkeypatch):
+    import socket
+
+    _without_fcntl(monkeypatch)
+    held = tmp_path / "stage.pth.lock.held"
+    with common.cache_lock(tmp_path / "stage.pth"):
+        assert held.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    assert not held.exists()
+
+
+def test_a_file_system_that_refuses_flock_falls_back_to_the_lock_file(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with common.cache_lock(tmp_path / "stage.pth"):
+        assert (tmp_path / "stage.pth.lock.held").exists()
+    assert not (tmp_path / "stage.pth.lock.held").exists()
+
+
+def test_a_lock_file_of_a_dead_process_is_taken_over_and_a_live_one_is_waited_for(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    _without_fcntl(monkeypatch)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    held = tmp_path / "stage.pth.lock.held"
+    held.write_text(f"{socket.gethostname()} {dead.pid}")
+    with common.cache_lock(tmp_path / "stage.pth"):  # stale: taken over at once
+        assert held.read_text().endswith(str(os.getpid()))
+    events = []
+
+    def first():
+        with common.cache_lock(tmp_path / "stage.pth"):
+            events.append("first in")
+            time.sleep(1.5)
+            events.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    while not events:
+        time.sleep(0.05)
+    with common.cache_lock(tmp_path / "stage.pth"):  # the same process: alive, so it waits
+        events.append("second in")
+    thread.join()
+    assert events == ["first in", "first out", "second in"]
+    held.write_text("another-host 1")
+    os.utime(held, (time.time() - 400, time.time() - 400))  # no heartbeat for longer than the stale limit
+    with common.cache_lock(tmp_path / "stage.pth"):
+        assert held.read_text().endswith(str(os.getpid()))

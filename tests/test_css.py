@@ -143,6 +143,20 @@ def test_branch_kd_loss_golden_value():
     assert branch_kd_loss(learner, target, 2.0).item() == pytest.approx(math.tanh(0.25), abs=1e-6)
 
 
+def test_a_target_probability_of_exactly_zero_gives_torch_1_0_1s_zero_gradient_not_nan():
+    learner = torch.zeros(1, 3, 1, requires_grad=True)
+    target = torch.tensor([[[0.0], [0.0], [-200.0]]])  # softmax(target / 1) of the last class underflows to 0
+    assert F.softmax(target, dim=1)[0, 2, 0].item() == 0.0
+    loss = branch_kd_loss(learner, target, 1.0)
+    loss.backward()
+    # torch 1.0.1's kl_div: sum over target > 0 of p * (log p - log q), the zero entry adding 0 and no gradient
+    q = torch.full((3,), 1 / 3)
+    p = torch.tensor([0.5, 0.5, 0.0])
+    assert loss.item() == pytest.approx((p[:2] * (p[:2].log() - q[:2].log())).sum().item(), abs=1e-6)
+    assert torch.isfinite(learner.grad).all()
+    torch.testing.assert_close(learner.grad[0, :, 0], q - p)  # d/dz of -sum p log softmax(z) = softmax(z) - p
+
+
 def test_branch_kd_loss_pairs_same_numbered_branches_only():
     generator = torch.Generator().manual_seed(0)
     learner, target = torch.randn(2, 4, 30, 3, generator=generator)

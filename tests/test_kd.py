@@ -69,6 +69,7 @@ def test_kd_trains_a_missing_teacher_caches_it_and_distils(tmp_path, cifar_dir):
     first = run_script("kd.py", *common_flags, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "training one with baseline.py" in first.stdout
+    assert "--resume:" not in first.stdout  # nobody asked to resume the teacher it trains
     cache = tmp_path / "checkpoints" / "cifar100" / "resnet8_e1.pth"
     assert cache.exists()
     checkpoint = torch.load(cache, weights_only=False)

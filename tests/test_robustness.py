@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -227,6 +228,8 @@ class TinyArgs:
         (["--batch-size", "0"], "--batch-size 0"),
         (["--learning-rate", "-1"], "--learning-rate -1"),
         (["--warmup-epochs", "-1"], "--warmup-epochs -1"),
+        (["--learning-rate", "nan"], "--learning-rate nan must be a finite number"),
+        (["--learning-rate", "inf"], "--learning-rate inf must be a finite number"),
     ],
 )
 def test_bad_numbers_are_refused_by_the_parser_naming_the_value(argv, named, capsys):
@@ -343,6 +346,76 @@ def test_resume_with_a_changed_learning_rate_is_refused_and_leaves_last_pth_unch
     assert accepted.returncode == 0, accepted.stderr
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
     assert summary["resumed_with_changes"] == [{"from_epoch": 2, "changed": {"epochs": [1, 2], "seed": [1, 7]}}]
+
+
+@pytest.mark.parametrize(
+    "script, flags, named",
+    [
+        ("kd.py", ["--weight-decay", "nan"], "--weight-decay nan"),
+        ("kd.py", ["--kd-T", "nan"], "--kd-T nan"),
+        ("kd.py", ["--lr-gamma", "-1"], "--lr-gamma -1.0 must be positive"),
+        ("pskd.py", ["--alpha-T", "5"], "--alpha-T 5.0 must be in [0, 1]"),
+        ("pskd.py", ["--alpha-T", "-1"], "--alpha-T -1.0 must be in [0, 1]"),
+        ("sskd.py", ["--ratio-ss", "1.5"], "--ratio-ss 1.5 must be in [0, 1]"),
+    ],
+)
+def test_nan_inf_and_out_of_range_floats_are_refused_before_any_work(tmp_path, script, flags, named):
+    result = run_script(script, "--data-dir", tmp_path / "none", *flags, cwd=tmp_path)
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_after_a_cut_off_metrics_line_drops_it_and_matches_the_checkpoint(tmp_path, cifar_dir):
+    flags = ["--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "32", "--run-name", "r"]
+    assert run_script("baseline.py", *flags, "--epochs", "1", cwd=tmp_path).returncode == 0
+    metrics = tmp_path / "runs" / "r" / "metrics.jsonl"
+    first_line = metrics.read_text()
+    metrics.write_text(first_line + first_line[: len(first_line) // 2].replace('"epoch": 1', '"epoch": 2'))  # a kill
+    resumed = run_script("baseline.py", *flags, "--epochs", "2", "--resume", "--resume-with-changes", cwd=tmp_path)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2] and metrics.read_text().startswith(first_line)
+
+
+def test_a_zero_byte_checkpoint_is_named_in_one_clear_error(tmp_path):
+    empty = tmp_path / "last.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(common.ConfigError, match=r"last\.pth is empty \(0 bytes\)"):
+        common.load_checkpoint(empty, "the run's last checkpoint", "Delete it.")
+
+
+def test_a_diverged_loss_stops_within_ten_steps_and_the_advice_fits_what_is_on_disk(tmp_path):
+    meter = common.Meter(tmp_path)
+    for step in range(9):
+        meter.add("loss/ce", torch.tensor(float("nan") if step == 0 else 1.0), 4)
+        meter.add("loss/total", torch.tensor(1.0), 4)
+    with pytest.raises(FloatingPointError, match="loss/ce became non-finite by step 10") as stopped:
+        meter.add("loss/ce", torch.tensor(1.0), 4)
+    assert "No epoch finished" in str(stopped.value) and "--resume" not in str(stopped.value)
+    (tmp_path / "last.pth").write_bytes(b"x")
+    with pytest.raises(FloatingPointError) as later:
+        common.check_finite({"loss/ce": float("nan")}, 3, tmp_path, hint="Try --x.")
+    assert str(later.value).startswith("loss/ce became non-finite in epoch 4. Try --x. The checkpoint")
+    assert "--resume" in str(later.value) and str(tmp_path / "last.pth") in str(later.value)
+    common.Meter().add("loss/ce", torch.tensor(float("nan")), 1)  # an evaluation meter never stops a run
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists() or os.geteuid() != 0, reason="needs /proc and root")
+def test_proc_is_not_writable_even_for_root(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(TinyArgs, ["--output-dir", "/proc/x"])
+    assert exit_info.value.code == 2 and "/proc is not writable" in capsys.readouterr().err
+
+
+def test_the_normalization_refusal_offers_deleting_only_a_cached_teacher():
+    checkpoint = {"args": {"normalize": "cifar10"}}
+    cached = SimpleNamespace(normalize="repdistiller", teacher_path=None, allow_teacher_normalize_mismatch=False)
+    with pytest.raises(common.ConfigError, match="delete the file"):
+        common.check_teacher_normalization(checkpoint, cached, "checkpoints/cifar100/resnet56.pth")
+    given = SimpleNamespace(normalize="repdistiller", teacher_path="mine.pth", allow_teacher_normalize_mismatch=False)
+    with pytest.raises(common.ConfigError) as refused:
+        common.check_teacher_normalization(checkpoint, given, "mine.pth")
+    assert "delete" not in str(refused.value) and "--normalize cifar10" in str(refused.value)
 
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, cifar_dir):

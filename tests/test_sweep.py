@@ -218,6 +218,8 @@ def test_the_slurm_script_has_one_array_index_per_run_and_the_same_skip_and_resu
         (["--methods", "kd", "--pairs", "resnet56-resnet20"], "malformed pair 'resnet56-resnet20'"),
         (["--methods", "kd"], "needs --pairs"),
         (["--methods", "css", "--pairs", "resnet56:resnet20"], "css trains two CSS networks"),
+        (["--methods", "pskd", "--pairs", "resnet8", "--", "--dataset", "cifar10"], "--dataset after --"),
+        (["--preset", "cpu-demo", "--", "--dataset=cifar100"], "the preset fixes it"),
     ],
 )
 def test_bad_input_is_one_clear_error_before_anything_runs(tmp_path, args, message):
@@ -230,3 +232,17 @@ def test_threads_divide_the_cores_between_concurrent_runs(monkeypatch):
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
     assert sweep.threads_per_run(["cpu"], 1) == 16 and sweep.threads_per_run(["cpu"], 4) == 4
     assert sweep.threads_per_run(["cuda:0", "cuda:1"], 8) == 1
+
+
+def test_teacher_free_methods_take_a_bare_model_and_the_dataset_names_the_runs(tmp_path):
+    result = run_sweep(
+        "--methods", "pskd", "lsskd", "--pairs", "resnet8", "--dataset", "cifar10", "--dry-run", cwd=tmp_path
+    )
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 2 * 3, result.stderr
+    assert all("--dataset cifar10 --model resnet8" in line and "_resnet8_cifar10_seed" in line for line in lines)
+
+
+def test_help_prints_the_description_once(tmp_path):
+    text = run_sweep("--help", cwd=tmp_path).stdout
+    assert text.count("Run a grid of experiments") == 1 and "--preset" in text

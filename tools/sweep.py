@@ -118,6 +118,9 @@ def grid_point(method, pair, dataset, tag="", variant_flags=()):
     """(flags, models label) of one method on one pair. Teacher-free methods train the pair's student (pskd,
     lsskd, baseline); css trains both networks of the pair together (CSS names only)."""
     teacher, student = pair
+    if teacher is None and method in (*DISTILLATION, "css"):
+        what = "NET1:NET2" if method == "css" else "TEACHER:STUDENT"
+        raise SweepError(f"malformed pair {student!r}: {method} needs --pairs {what}")
     if method in DISTILLATION:
         check_model(teacher, common.MODEL_NAMES)
         check_model(student, common.MODEL_NAMES)
@@ -136,9 +139,12 @@ def grid_point(method, pair, dataset, tag="", variant_flags=()):
 
 
 def parse_pair(text):
+    """TEACHER:STUDENT, or a bare MODEL for the teacher-free methods (teacher None)."""
     teacher, colon, student = text.partition(":")
-    if not colon or not teacher or not student or ":" in student:
-        raise SweepError(f"malformed pair {text!r}: write TEACHER:STUDENT, e.g. resnet56:resnet20")
+    if not colon and teacher:
+        return None, teacher
+    if not teacher or not student or ":" in student:
+        raise SweepError(f"malformed pair {text!r}: write TEACHER:STUDENT (e.g. resnet56:resnet20) or MODEL")
     return teacher, student
 
 
@@ -368,12 +374,14 @@ def main(argv=None):
     extra_flags = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", help="a named grid: " + ", ".join(sorted(presets())))
     parser.add_argument("--methods", nargs="+", help=f"methods of an explicit grid: {', '.join(METHODS)}")
     parser.add_argument(
-        "--pairs", nargs="+", default=[], help="TEACHER:STUDENT pairs (teacher-free methods train the student)"
+        "--pairs", nargs="+", default=[], help="TEACHER:STUDENT pairs; teacher-free methods also take a bare MODEL"
     )
     parser.add_argument("--dataset", default="cifar100", choices=("cifar100", "cifar10"), help="for an explicit grid")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 1 2 3; cpu-demo: 1 2)")
@@ -419,6 +427,9 @@ def main(argv=None):
 def runs_from_options(options, extra_flags):
     if bool(options.preset) == bool(options.methods):
         raise SweepError("give either --preset NAME or --methods ... --pairs ...")
+    if any(flag == "--dataset" or flag.startswith("--dataset=") for flag in extra_flags):
+        where = "the preset fixes it" if options.preset else "give it as the sweep's own --dataset, before --"
+        raise SweepError(f"--dataset after -- would train one dataset under run names of another: {where}")
     if options.preset:
         known = presets()
         if options.preset not in known:

@@ -169,3 +169,86 @@ def test_published_entries_name_zoo_models_and_real_columns():
             for result in row["results"]:
                 assert result["column"] in table["columns"]
                 report.cell_number(row["cells"][table["columns"].index(result["column"])])
+
+
+def test_two_runs_with_one_seed_count_as_one_sample(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "kd_a", "kd", KD_ARGS, 1, 70.0, 71.0)
+    write_run(root, "kd_copy", "kd", {**KD_ARGS, "output_dir": "elsewhere"}, 1, 70.0, 71.0)  # the same seed again
+    warnings = []
+    rows, _ = report.rows_of(root, {}, warn=warnings.append)
+    assert [row["n"] for row in rows] == [1] and rows[0]["seeds"] == [1] and rows[0]["last_std"] is None
+    assert any("repeats seed 1" in message and "kd_copy" in message for message in warnings)
+
+
+def test_a_folder_without_runs_says_no_runs_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "report.py"), str(tmp_path / "empty")], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "no runs found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_summary_whose_top1_is_not_a_number_is_skipped_with_a_warning(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "good", "kd", KD_ARGS, 1, 70.0, 71.0)
+    write_run(root, "bad", "kd", KD_ARGS, 2, "n/a", 71.0)
+    warnings = []
+    rows, _ = report.rows_of(root, {}, warn=warnings.append)
+    assert [row["n"] for row in rows] == [1] and any("bad" in message and "n/a" in message for message in warnings)
+
+
+def test_identical_differences_give_a_zero_width_interval():
+    assert report.bootstrap_interval([1.5, 1.5, 1.5]) == (1.5, 1.5)
+    assert report.bootstrap_interval([2.0]) is None  # one seed: no interval
+
+
+def test_the_bootstrap_interval_matches_the_exact_bootstrap_distribution():
+    import itertools
+
+    import numpy as np
+
+    differences = [-1.0, 0.5, 2.0]
+    # All 27 equally likely resamples of three values: the exact bootstrap distribution of the mean.
+    exact = np.array([np.mean(choice) for choice in itertools.product(differences, repeat=3)])
+    low, high = report.bootstrap_interval(differences, resamples=200_000)
+    weights = np.full(len(exact), 1 / len(exact))
+    order = np.argsort(exact)
+    cumulative = np.cumsum(weights[order])
+    exact_low, exact_high = (
+        exact[order][np.searchsorted(cumulative, 0.025)],
+        exact[order][np.searchsorted(cumulative, 0.975)],
+    )
+    assert low == pytest.approx(exact_low, abs=0.06) and high == pytest.approx(exact_high, abs=0.06)
+    assert report.bootstrap_interval(differences) == report.bootstrap_interval(differences)  # fixed seed
+
+
+def test_each_method_is_paired_seed_by_seed_with_its_matched_baseline(tmp_path):
+    root = tmp_path / "runs"
+    demo = {"dataset": "cifar10", "train_subset": 4000, "epochs": 10, "lr_milestones": [7], "batch_size": 64}
+    for seed, base, kd, pskd_on, pskd_off in ((1, 50.0, 53.0, 48.0, 49.0), (2, 51.0, 55.0, 47.0, 50.0)):
+        write_run(root, f"base{seed}", "baseline", {**demo, "model": "resnet8"}, seed, base, base)
+        write_run(root, f"kd{seed}", "kd", {**demo, "teacher": "resnet20", "student": "resnet8"}, seed, kd, kd)
+        pskd_args = {**demo, "model": "resnet8", "alpha_T": 0.8}
+        write_run(root, f"pskd{seed}", "pskd", {**pskd_args, "pskd": True}, seed, pskd_on, pskd_on)
+        write_run(root, f"pskdoff{seed}", "pskd", {**pskd_args, "pskd": False}, seed, pskd_off, pskd_off)
+    write_run(
+        root,
+        "kd_other_data",
+        "kd",
+        {**demo, "train_subset": 8000, "teacher": "resnet20", "student": "resnet8"},
+        1,
+        60.0,
+        60.0,
+    )
+    rows = {(row["method"], row["setting"]): row for row in report.rows_of(root, {})[0]}
+    kd = rows[("kd", "train_subset=4000")]
+    assert kd["baseline"] == "baseline resnet8" and kd["differences"] == [3.0, 4.0] and kd["difference_mean"] == 3.5
+    assert kd["difference_ci95"] == [3.0, 4.0]  # two values: every resampled mean lies between them
+    assert rows[("kd", "train_subset=8000")]["baseline"] is None  # no baseline on 8,000 images
+    pskd = rows[("pskd", "pskd=True")]
+    assert pskd["baseline"] == "pskd pskd=False" and pskd["differences"] == [-1.0, -3.0]
+    assert rows[("pskd", "pskd=False")]["baseline"] is None  # the baseline row itself
+    table = report.markdown(list(rows.values()), [])
+    assert "+3.50 [+3.00, +4.00] vs baseline resnet8 (n 2)" in table and "10,000 resamples" in table
+    assert "difference_ci95" in report.csv_text(list(rows.values())).splitlines()[0]

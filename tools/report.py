@@ -19,6 +19,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -77,7 +78,9 @@ def find_runs(root, warn=lambda message: print(message, file=sys.stderr)):
         if summary_path.exists():
             try:
                 summary = json.loads(summary_path.read_text())
-                summary["args"], summary["last_top1"], summary["best_top1"]  # the fields every table needs
+                numbers = summary["last_top1"], summary["best_top1"]  # the fields every table needs
+                if not isinstance(summary["args"], dict) or not all(_is_number(value) for value in numbers):
+                    raise TypeError(f"last_top1 {numbers[0]!r} and best_top1 {numbers[1]!r} must be numbers")
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 warn(f"warning: skipping {summary_path}: not a valid summary ({type(err).__name__}: {err})")
                 continue
@@ -86,6 +89,23 @@ def find_runs(root, warn=lambda message: print(message, file=sys.stderr)):
             metrics = read_metrics(run_dir)
             unfinished.append({"dir": run_dir, "epochs_done": metrics[-1]["epoch"] if metrics else 0})
     return finished, unfinished
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def one_run_per_seed(group, warn):
+    """The group's runs, one per seed: two runs with the same seed are one sample, not two (the first
+    folder is kept, and a warning names the others)."""
+    kept = {}
+    for run in sorted(group["runs"], key=lambda run: str(run["dir"])):
+        seed = run["summary"].get("seed")
+        if seed in kept:
+            warn(f"warning: {run['dir']} repeats seed {seed} of {kept[seed]['dir']}: counted once")
+        else:
+            kept[seed] = run
+    return sorted(kept.values(), key=lambda run: run["summary"].get("seed", 0))
 
 
 def method_of(summary):
@@ -158,6 +178,76 @@ def differing_settings(groups):
         ]
         for group in siblings:
             group["setting"] = " ".join(f"{name}={group['args'].get(name)}" for name in varying)
+
+
+# ---- paired differences against the matched baseline ----
+
+BOOTSTRAP_RESAMPLES = 10_000  # resamples of the per-seed differences
+BOOTSTRAP_SEED = 0  # fixed, so a table is reproduced exactly
+# What a distillation row and its baseline.py row must share: the data and the schedule.
+MATCHED_ARGS = ("dataset", "train_subset", "epochs", "lr_milestones", "batch_size", "amp")
+# The teacher-free methods' own baselines: the same file with these arguments.
+OWN_BASELINE = {
+    "pskd": {"pskd": False},
+    "css": {"distill": False},
+    "lsskd": {"alpha_T": 0.0, "lambda_kl": 0.0, "lambda_feat": 0.0},  # HSAKD's joint loss on one network
+}
+
+
+def matched_baseline(group, groups):
+    """The group a method row is compared with: baseline.py on the student with the same data and schedule
+    (kd, sskd, hssakd), or the same file with the method switched off (OWN_BASELINE); None if absent."""
+    method, args = group["method"], group["args"]
+    if method in OWN_BASELINE:
+        switched_off = OWN_BASELINE[method]
+        if all(args.get(name) == value for name, value in switched_off.items()):
+            return None  # this row is the baseline
+        wanted = {**args, **switched_off}
+        return next((other for other in groups if other["method"] == method and other["args"] == wanted), None)
+    if method not in ("kd", "sskd", "hssakd"):
+        return None
+    for other in groups:
+        same_data = all(other["args"].get(name) == args.get(name) for name in MATCHED_ARGS)
+        if other["method"] == "baseline" and other["args"].get("model") == args.get("student") and same_data:
+            return other
+    return None
+
+
+def bootstrap_interval(values, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+    """95 % percentile-bootstrap interval of the mean of `values`: resample them with replacement
+    `resamples` times (numpy, fixed seed), take the 2.5th and 97.5th percentiles of the resampled means.
+    None for fewer than two values."""
+    import numpy as np
+
+    if len(values) < 2:
+        return None
+    values = np.asarray(values, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    low, high = np.percentile(values[picks].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def paired_difference(group, baseline):
+    """Per seed present in both, method last-epoch top-1 minus baseline last-epoch top-1; their mean and
+    the bootstrap interval of the mean."""
+    ours = {run["summary"].get("seed"): run["summary"]["last_top1"] for run in group["runs"]}
+    theirs = {run["summary"].get("seed"): run["summary"]["last_top1"] for run in baseline["runs"]}
+    seeds = sorted(set(ours) & set(theirs), key=str)
+    differences = [ours[seed] - theirs[seed] for seed in seeds]
+    return {
+        "paired_seeds": seeds,
+        "differences": differences,
+        "difference_mean": statistics.fmean(differences) if differences else None,
+        "difference_ci95": list(bootstrap_interval(differences) or []) or None,  # [low, high]
+        "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+    }
+
+
+def baseline_label(baseline):
+    switched_off = OWN_BASELINE.get(baseline["method"])
+    if switched_off:
+        return f"{baseline['method']} " + " ".join(f"{name}={value}" for name, value in switched_off.items())
+    return f"baseline {baseline['args'].get('model')}"
 
 
 # ---- published numbers ----
@@ -251,9 +341,20 @@ def fmt(mean, std=None, show_std=False):
 
 def rows_of(root, tables, warn=lambda message: print(message, file=sys.stderr)):
     finished, unfinished = find_runs(root, warn)
+    if not finished and not unfinished:
+        raise ReportError(f"no runs found under {root} (a run folder holds summary.json, metrics.jsonl or last.pth)")
     groups = group_runs(finished)
+    for group in groups:
+        group["runs"] = one_run_per_seed(group, warn)
     differing_settings(groups)
-    rows = [summarise(group, tables) for group in groups]
+    rows = []
+    for group in groups:
+        row = summarise(group, tables)
+        baseline = matched_baseline(group, groups)
+        row["baseline"] = baseline_label(baseline) if baseline else None
+        empty = {"paired_seeds": [], "differences": [], "difference_mean": None, "difference_ci95": None}
+        row.update(paired_difference(group, baseline) if baseline else {**empty, "bootstrap_resamples": None})
+        rows.append(row)
     rows.sort(
         key=lambda row: (
             str(row["dataset"]),
@@ -278,12 +379,18 @@ def markdown(rows, unfinished):
         "teacher top-1",
         "published (protocol)",
         "ours − published",
+        "− matched baseline, per-seed mean [95 % CI]",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         models = f"{row['teacher']} → {row['student']}" if row["teacher"] else row["model"]
         published = f"{row['published_top1']:.2f} ({row['published_protocol']})" if row["published_top1"] else "—"
         difference = f"{row['difference']:+.2f}" if row["difference"] is not None else "—"
+        paired = "—"
+        if row.get("difference_mean") is not None:
+            interval = row["difference_ci95"]
+            bounds = f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else ""
+            paired = f"{row['difference_mean']:+.2f}{bounds} vs {row['baseline']} (n {len(row['differences'])})"
         lines.append(
             "| "
             + " | ".join(
@@ -298,10 +405,18 @@ def markdown(rows, unfinished):
                     fmt(row["teacher_top1"]),
                     published,
                     difference,
+                    paired,
                 ]
             )
             + " |"
         )
+    if any(row.get("difference_ci95") for row in rows):
+        lines += [
+            "",
+            f"Paired difference: the method's last-epoch top-1 minus its matched baseline's, seed by seed; "
+            f"the interval is a 95 % percentile bootstrap of their mean ({BOOTSTRAP_RESAMPLES:,} resamples, "
+            f"numpy seed {BOOTSTRAP_SEED}). With 3 seeds it is a rough guide, not a test.",
+        ]
     if unfinished:
         lines += ["", "Unfinished (no summary.json; not averaged):"]
         lines += [f"- {run['dir']} ({run['epochs_done']} epochs logged)" for run in unfinished]
@@ -442,7 +557,9 @@ def result_label(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("runs", nargs="?", help="folder holding run folders (searched recursively)")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
@@ -476,6 +593,8 @@ def main(argv=None):
             sys.stdout.write(markdown(rows, unfinished))
         if options.plots:
             groups = group_runs(find_runs(options.runs, warn=lambda message: None)[0])
+            for group in groups:
+                group["runs"] = one_run_per_seed(group, warn=lambda message: None)
             differing_settings(groups)
             for path in plot_groups(groups, options.plots):
                 print(f"wrote {path}", file=sys.stderr)

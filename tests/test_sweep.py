@@ -246,3 +246,50 @@ def test_teacher_free_methods_take_a_bare_model_and_the_dataset_names_the_runs(t
 def test_help_prints_the_description_once(tmp_path):
     text = run_sweep("--help", cwd=tmp_path).stdout
     assert text.count("Run a grid of experiments") == 1 and "--preset" in text
+
+
+def test_a_shared_teacher_stage_is_trained_by_one_run_before_the_runs_that_need_it():
+    def run(method, teacher, student, seed, **flags):
+        extra = [token for name, value in flags.items() for token in (f"--{name.replace('_', '-')}", str(value))]
+        pair = ["--teacher", teacher, "--student", student] if teacher else ["--model", student]
+        return sweep.Run(method, ["--dataset", "cifar10", *pair, *extra], seed, f"{method}{seed}{student}")
+
+    kd_first, kd_second = run("kd", "resnet20", "resnet8", 1), run("kd", "resnet20", "resnet8", 2)
+    sskd = run("sskd", "resnet20", "resnet14", 1)  # the same CE teacher, its own head stage
+    other_teacher = run("kd", "resnet32", "resnet8", 1)
+    pskd = run("pskd", None, "resnet8", 1)
+    runs = [kd_first, kd_second, sskd, other_teacher, pskd]
+    leaders = sweep.stage_leaders(runs)
+    assert [sweep.ready(each, leaders) for each in runs] == [True, False, False, True, True]
+    kd_first.status = "done"
+    assert sweep.ready(kd_second, leaders) and sweep.ready(sskd, leaders)
+    second_head = run("sskd", "resnet20", "resnet8", 2)
+    assert not sweep.ready(second_head, sweep.stage_leaders([*runs, second_head]))  # waits for sskd's head
+
+
+def test_the_slurm_scripts_chain_the_teacher_array_first_throttle_and_name_no_local_path(tmp_path):
+    result = run_sweep(
+        *("--methods", "kd", "pskd", "--pairs", "resnet56:resnet20", "--seeds", 1, 2),
+        *("--slurm", "grid.sbatch", "--slurm-throttle", 3, "--output-dir", "out"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sbatch --parsable grid.teachers.sbatch" in result.stdout and "--dependency=afterok:$jid" in result.stdout
+    grid, teachers = (tmp_path / "grid.sbatch").read_text(), (tmp_path / "grid.teachers.sbatch").read_text()
+    assert "#SBATCH --array=0-3%3" in grid and "#SBATCH --array=0-0%3" in teachers
+    assert "kd.py --dataset cifar100 --teacher resnet56 --student resnet20 --seed 1" in teachers
+    assert "pskd.py" not in teachers and (tmp_path / "out" / "logs").is_dir()
+    for script in (grid, teachers):
+        assert str(tmp_path) not in script and str(REPO) not in script and sys.executable not in script
+        assert 'PYTHON="${PYTHON:-python}"' in script and 'cd "${SLURM_SUBMIT_DIR:-$PWD}"' in script
+    for name in ("grid.sbatch", "grid.teachers.sbatch"):
+        assert subprocess.run(["bash", "-n", tmp_path / name]).returncode == 0
+
+
+def test_no_printed_command_gives_a_flag_twice(tmp_path):
+    lines = run_sweep("--preset", "cpu-demo", "--dry-run", cwd=tmp_path).stdout.splitlines()
+    css = [line for line in lines if "css.py" in line]
+    assert css and all("--epochs 4" in line and "--train-subset 2000" in line for line in css)
+    for line in lines:
+        flags = [token for token in shlex.split(line) if token.startswith("--")]
+        assert len(flags) == len(set(flags)), line

@@ -4,16 +4,21 @@ its own process, then aggregate it with tools/report.py.
     python tools/sweep.py --preset cpu-demo -- --data-dir /path/to/cifar10
     python tools/sweep.py --methods kd sskd --pairs resnet56:resnet20 --seeds 1 2 3 -- --epochs 240
     python tools/sweep.py --preset cifar100-all --devices cuda:0,cuda:1 --jobs-per-device 4
-    python tools/sweep.py --preset kd-cifar100 --slurm kd.sbatch      # write a SLURM array job instead
+    python tools/sweep.py --preset kd-cifar100 --slurm kd.sbatch --slurm-throttle 8   # SLURM array jobs instead
     python tools/sweep.py --preset cpu-demo --dry-run                 # print the commands only
 
 Every run gets a name derived from its grid point (method, variant, models, dataset, seed, and a digest of
 the extra flags when there are any) and a folder <output-dir>/<name>. A run whose summary.json exists is
 skipped; one with a last.pth is continued with --resume; a failed run is reported with its log
 (<output-dir>/logs/<name>.log) and the others go on. Teacher stages that several runs need (a missing CE
-teacher, SSKD's teacher head, HSAKD's stage 1) are trained once: the method scripts lock each cache file,
-so concurrent runs wait for the first one instead of training it again. On the CPU the cores are divided
-between concurrent runs (torch threads per run), never oversubscribed.
+teacher, SSKD's teacher head, HSAKD's stage 1) are trained once, first: the first run that needs a stage
+trains it, and the runs that need it start only after that run ended, so no device slot waits on a cache
+lock meanwhile (runs without a teacher fill the slots). The method scripts also lock each cache file, so two
+sweeps sharing a checkpoint folder still train a stage once. On SLURM the teacher runs are an array of their
+own (<file>.teachers.sbatch) and the whole grid a second array that starts after it (afterok); both scripts
+run from the folder they are submitted from, with $PYTHON (default python), and name no path of the machine
+that wrote them. On the CPU the cores are divided between concurrent runs (torch threads per run), never
+oversubscribed.
 
 Run: python tools/sweep.py --preset cpu-demo --jobs-per-device 2 -- --data-dir DIR
 """
@@ -135,7 +140,22 @@ def grid_point(method, pair, dataset, tag="", variant_flags=()):
     else:
         check_model(student, common.MODEL_NAMES)
         flags, models = ["--model", student], student
-    return ["--dataset", dataset, *flags, *variant_flags], models
+    return without_repeats(["--dataset", dataset, *flags, *variant_flags]), models
+
+
+def without_repeats(flags):
+    """A flag list in which a flag given twice keeps only its last value, at its first place (a preset's
+    method flags override its recipe's, and the printed command says each flag once)."""
+    groups, order = {}, []
+    for token in flags:
+        if token.startswith("--"):
+            if token not in groups:
+                order.append(token)
+            groups[token] = [token]
+            current = token
+        else:
+            groups[current].append(token)
+    return [token for name in order for token in groups[name]]
 
 
 def parse_pair(text):
@@ -231,6 +251,53 @@ def build_runs(points, seeds, extra_flags):
     return runs
 
 
+# ---- shared teacher stages: trained first, by one run each ----
+
+# What a cached CE teacher depends on (common.teacher_cache_path, common.train_teacher).
+TEACHER_FLAGS = ("--dataset", "--teacher", "--train-subset", "--ce-teacher-epochs", "--normalize", "--amp")
+
+
+def flag_values(flags, names):
+    """{flag: value} of `names` in a flag list; a flag given without a value counts as "true"."""
+    values = {}
+    for position, token in enumerate(flags):
+        name, equals, value = token.partition("=")
+        if name in names:
+            following = flags[position + 1] if position + 1 < len(flags) else ""
+            values[name] = value if equals else ("true" if following.startswith("--") or not following else following)
+    return values
+
+
+def stage_keys(run):
+    """(CE-teacher key, teacher-stage key) of a run: runs with equal keys share that cached stage; None where a
+    run needs none. SSKD's head and HSAKD's stage 1 depend on every flag of the run except the student."""
+    if run.method not in DISTILLATION:
+        return None, None
+    teacher = json.dumps(sorted(flag_values(run.flags, TEACHER_FLAGS).items()))
+    if run.method == "kd":
+        return teacher, None
+    student_at = run.flags.index("--student")
+    return teacher, json.dumps([run.method, run.flags[:student_at] + run.flags[student_at + 2 :]])
+
+
+def stage_leaders(runs):
+    """{key: the first unfinished run that needs that stage}: it trains the stage; runs that need it start
+    after it, so no device slot waits on a cache lock while one run trains a teacher."""
+    leaders = {}
+    for run in runs:
+        if run.status != "skipped":
+            for key in stage_keys(run):
+                if key is not None:
+                    leaders.setdefault(key, run)
+    return leaders
+
+
+def ready(run, leaders):
+    """Whether every shared stage the run needs is trained (its leader ended), or is trained by this run."""
+    needed = [leaders.get(key) for key in stage_keys(run) if key is not None]
+    return all(leader in (None, run) or leader.status in ("done", "failed") for leader in needed)
+
+
 # ---- running ----
 
 
@@ -286,6 +353,7 @@ def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
     threads = str(threads_per_run(devices, jobs_per_device))
     environment.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    leaders = stage_leaders(runs)
     status = Status(runs, len(slots))
     status.show(force=True)
     try:
@@ -301,7 +369,7 @@ def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
                     if run.status == "failed":
                         status.say(f"failed: {run.name} (exit {run.process.returncode}); log: {run.log}")
             for run in runs:
-                if run.status == "left" and free:
+                if run.status == "left" and free and ready(run, leaders):
                     device = free.pop(0)
                     resume = (output_dir / run.name / "last.pth").exists()
                     command = run.command(output_dir, None if device == "cpu" else device, resume)
@@ -341,32 +409,59 @@ def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
 # ---- SLURM ----
 
 
-def slurm_script(runs, output_dir, extra_sbatch=()):
-    """A SLURM array job, one index per run, with the same commands and the same skip/resume rules."""
+def slurm_script(runs, output_dir, throttle=None, job_name="kd-sweep"):
+    """A SLURM array job, one index per run, with the same commands and the same skip/resume rules. Nothing
+    in it names the machine that wrote it: it runs from the folder it is submitted from (the checkout), with
+    $PYTHON (default: python), and writes under OUTPUT_DIR as given."""
+    array = f"0-{len(runs) - 1}" + (f"%{throttle}" if throttle else "")
     lines = [
         "#!/bin/bash",
-        "# Written by tools/sweep.py: one array index per run of the grid.",
-        f"#SBATCH --array=0-{len(runs) - 1}",
-        "#SBATCH --job-name=kd-sweep",
+        "# Written by tools/sweep.py: one array index per run of the grid. Submit it from the checkout.",
+        f"#SBATCH --array={array}",
+        f"#SBATCH --job-name={job_name}",
         "#SBATCH --gres=gpu:1",
         "#SBATCH --cpus-per-task=4",
         f"#SBATCH --output={Path(output_dir) / 'logs'}/slurm_%A_%a.log",
-        *[f"#SBATCH {option}" for option in extra_sbatch],
         "set -euo pipefail",
-        f"cd {shlex.quote(os.getcwd())}",
+        'cd "${SLURM_SUBMIT_DIR:-$PWD}"',
+        'PYTHON="${PYTHON:-python}"',
         f"OUT={shlex.quote(str(output_dir))}",
+        'mkdir -p "$OUT/logs"',
         "NAMES=(",
     ]
     lines += [f"  {shlex.quote(run.name)}" for run in runs] + [")", "COMMANDS=("]
-    lines += [f"  {shlex.quote(shlex.join(run.command(output_dir)))}" for run in runs] + [")"]
+    lines += [f"  {shlex.quote(shlex.join(portable_command(run, output_dir)))}" for run in runs] + [")"]
     lines += [
         "name=${NAMES[$SLURM_ARRAY_TASK_ID]}",
         'if [ -f "$OUT/$name/summary.json" ]; then echo "$name is finished; skipping"; exit 0; fi',
         'resume=""',
         'if [ -f "$OUT/$name/last.pth" ]; then resume="--resume"; fi',
-        'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]} $resume"',
+        'eval "$PYTHON ${COMMANDS[$SLURM_ARRAY_TASK_ID]} $resume"',
     ]
     return "\n".join(lines) + "\n"
+
+
+def portable_command(run, output_dir):
+    """The run's command without the interpreter and with the script relative to the checkout."""
+    command = run.command(output_dir)[1:]
+    return [str(Path(command[0]).relative_to(REPO)), *command[1:]]
+
+
+def write_slurm(runs, path, output_dir, throttle):
+    """The grid as SLURM array jobs. With shared teacher stages, two: PATH.teachers.sbatch runs one run per
+    stage (which trains it), and PATH runs the whole grid after it (afterok; the teacher runs are then
+    finished and skipped). Returns the submit command."""
+    path = Path(path)
+    path.write_text(slurm_script(runs, output_dir, throttle))
+    leaders = list({id(run): run for run in stage_leaders(runs).values()}.values())
+    if not leaders:
+        return f"sbatch {shlex.quote(str(path))}"
+    teachers = path.with_name(path.stem + ".teachers.sbatch")
+    teachers.write_text(slurm_script(leaders, output_dir, throttle, job_name="kd-sweep-teachers"))
+    return (
+        f"jid=$(sbatch --parsable {shlex.quote(str(teachers))}) && "
+        f"sbatch --dependency=afterok:$jid {shlex.quote(str(path))}"
+    )
 
 
 def main(argv=None):
@@ -388,7 +483,10 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="runs", help="parent folder of the run folders and logs/")
     parser.add_argument("--devices", default="cpu", help="comma-separated: cpu, or cuda:0,cuda:1,...")
     parser.add_argument("--jobs-per-device", type=int, default=1, help="runs kept going at once on each device")
-    parser.add_argument("--slurm", metavar="FILE", help="write a SLURM array-job script to FILE instead of running")
+    parser.add_argument(
+        "--slurm", metavar="FILE", help="write SLURM array-job scripts (FILE, and the teachers') instead"
+    )
+    parser.add_argument("--slurm-throttle", type=int, metavar="N", help="at most N array tasks at once (%%N)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     options = parser.parse_args(argv)
     try:
@@ -402,11 +500,15 @@ def main(argv=None):
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output_dir = Path(options.output_dir).resolve()
     if options.slurm:
-        Path(options.slurm).write_text(slurm_script(runs, output_dir))
-        print(f"wrote {options.slurm}: {len(runs)} array tasks; submit with: sbatch {options.slurm}")
+        if options.slurm_throttle is not None and options.slurm_throttle < 1:
+            print("error: --slurm-throttle must be at least 1", file=sys.stderr)
+            return 2
+        (Path(options.output_dir) / "logs").mkdir(parents=True, exist_ok=True)  # SLURM opens its logs there
+        submit = write_slurm(runs, options.slurm, Path(options.output_dir), options.slurm_throttle)
+        print(f"wrote {options.slurm}: {len(runs)} array tasks; submit from this checkout with: {submit}")
         return 0
+    output_dir = Path(options.output_dir).resolve()
     if options.dry_run:
         for run in runs:
             done = (output_dir / run.name / "summary.json").exists()

@@ -34,11 +34,13 @@ import math
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import tempfile
 import time
 import typing
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -1873,7 +1875,9 @@ def model_from_checkpoint(arch, num_classes, checkpoint, source, build=None):
 
 
 def load_model_file(arch, num_classes, path):
-    """Build `arch` and load weights from `path` (any supported format, loaded safely)."""
+    """Build `arch` and load weights from `path` (any supported format, loaded safely; a URL or short
+    name is downloaded first, fetch_checkpoint)."""
+    path = fetch_checkpoint(path, Path("checkpoints"))
     return model_from_checkpoint(arch, num_classes, load_checkpoint(path), str(path))
 
 
@@ -2042,7 +2046,7 @@ def cached_stage(given_path, cache_path, train, seed=None):
     same for every student seed, and the student the same whether the stage was trained, cached or given.
     Returns the file to load."""
     if given_path:
-        return Path(given_path)
+        return fetch_checkpoint(given_path, Path(cache_path).parent if cache_path else Path("checkpoints"))
     with cache_lock(cache_path):
         if not Path(cache_path).exists():
             with torch.random.fork_rng(devices=[], enabled=seed is not None):
@@ -2166,3 +2170,68 @@ def stage_digest(length, *parts):
         elif part is not None:
             digest.update(Path(part).read_bytes())
     return digest.hexdigest()[:length]
+
+
+# ---- checkpoints from URLs (docs/teachers.md) ----
+
+# Short names for published checkpoint files, with the URL their publisher gives (torchvision.models'
+# ResNet*_Weights.IMAGENET1K_V1.url); torchvision's file names end in the first hex digits of the sha256.
+KNOWN_CHECKPOINTS = {
+    "torchvision:resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "torchvision:resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "torchvision:resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+}
+URL_SCHEMES = ("http://", "https://", "file://")
+
+
+def expected_sha256(url, file_name):
+    """The sha256 (or its leading hex digits) a download must have: URL#sha256=HEX, else torchvision's
+    name-<at least 8 hex digits>.pth convention, else None (not checked)."""
+    fragment = url.partition("#")[2]
+    if fragment.startswith("sha256="):
+        return fragment.removeprefix("sha256=").lower()
+    found = re.search(r"-([0-9a-f]{8,64})\.[^.]+$", file_name)
+    return found.group(1) if found else None
+
+
+def fetch_checkpoint(spec, folder):
+    """A local file for a checkpoint argument. A path is returned as it is; a short name (KNOWN_CHECKPOINTS)
+    or an http(s):// or file:// URL is downloaded once into <folder>/downloads/ with a progress bar, to a
+    temporary file renamed only when complete and verified (expected_sha256), so a partial or wrong
+    download is never used. A file downloaded earlier is verified again and reused."""
+    spec = KNOWN_CHECKPOINTS.get(str(spec), str(spec))
+    if not spec.startswith(URL_SCHEMES):
+        return Path(spec)
+    url = spec.partition("#")[0]
+    file_name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "checkpoint.pth"
+    target = Path(folder) / "downloads" / file_name
+    expected = expected_sha256(spec, file_name)
+    if target.exists():
+        if expected is None or _sha256(target).startswith(expected):
+            return target
+        target.unlink()
+        print(f"{target} did not match its sha256 {expected}...: downloading it again", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {url} -> {target}", flush=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=expected, progress=True)
+    except RuntimeError as err:  # torch.hub: invalid hash value; nothing was kept
+        raise ConfigError(
+            f"{url} does not match its expected sha256 ({err}); the download was removed. Check the URL "
+            f"and the #sha256= you gave, or download the file yourself and pass its path."
+        ) from None
+    except OSError as err:  # no network, a refused connection, a missing file
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(
+            f"could not download {url} ({reason}). Offline? Fetch the file on a machine with internet and "
+            f"place it at {target} (or pass its local path)."
+        ) from None
+    return target
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

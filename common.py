@@ -237,6 +237,11 @@ def load_data(args, device):
         )
     if args.train_subset:  # quick runs: the first N training images
         train_images, train_labels = train_images[: args.train_subset], train_labels[: args.train_subset]
+    test_subset = getattr(args, "test_subset", None)
+    if test_subset and test_subset > len(test_labels):
+        raise ConfigError(f"--test-subset {test_subset} is larger than the {len(test_labels)} test images")
+    if test_subset:  # quick runs: the first N test images (summary.json records it; reports flag it)
+        test_images, test_labels = test_images[:test_subset], test_labels[:test_subset]
     if args.normalize not in NORMALIZE:
         raise ConfigError(f"unknown --normalize '{args.normalize}'; choose one of: {', '.join(NORMALIZE)}")
     mean, std = NORMALIZE[args.normalize]
@@ -299,10 +304,19 @@ def train_batches(data, batch_size, generator, augment=True):
         yield data.normalize(images), data.train_labels[indices], indices
 
 
+EVALUATION_PROGRESS_SECONDS = 30  # a longer evaluation says how far it is
+
+
 def test_batches(data, batch_size):
     """The un-augmented test set in order, the counterpart of `train_batches`.
-    Yields (images [B, 3, 32, 32] normalised float, labels [B])."""
-    for start in range(0, len(data.test_labels), batch_size):
+    Yields (images [B, 3, 32, 32] normalised float, labels [B]). An evaluation that takes longer than
+    EVALUATION_PROGRESS_SECONDS prints how many test images it has seen, every that many seconds."""
+    total = len(data.test_labels)
+    started = shown = time.time()
+    for start in range(0, total, batch_size):
+        if time.time() - shown > EVALUATION_PROGRESS_SECONDS:
+            shown = time.time()
+            print(f"  evaluating: {start}/{total} test images, {format_seconds(shown - started)}", flush=True)
         yield data.normalize(data.test_images[start : start + batch_size]), data.test_labels[start : start + batch_size]
 
 
@@ -1420,7 +1434,7 @@ def _flag(name):
 # tests/test_layout.py checks that every int, float and tuple field of every Args class is listed here.
 FIELD_RANGES = {
     "at least 1": (
-        *("epochs", "batch_size", "eval_batch_size", "train_subset", "branches"),
+        *("epochs", "batch_size", "eval_batch_size", "train_subset", "test_subset", "branches"),
         *("ce_teacher_epochs", "t_epochs", "teacher_epochs"),
     ),
     "positive": (*("learning_rate", "t_lr", "teacher_lr", "lr_gamma"), *("kd_T", "tf_T", "ss_T", "head_T", "sad_tau")),

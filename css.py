@@ -53,6 +53,8 @@ class Args:
     """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
+    test_subset: Optional[int] = None
+    """evaluate on the first N test images only (quick runs; never a published-protocol number)"""
     eval_batch_size: int = 128
     """test-time batch size (no effect on accuracy)"""
     tensorboard: bool = False
@@ -102,9 +104,9 @@ class Args:
     log_diversity: bool = False
     """[INTERP] log OKDDip's branch diversity on the test set every epoch"""
     log_branch_top1: bool = True
-    """[INTERP] also log each branch's test top-1 on its own slot (a diagnostic)"""
+    """[INTERP] also log each branch's own-slot test top-1 (a diagnostic)"""
     distill: bool = True
-    """false drops both KD terms: each network trains alone on its CE (the baseline)"""
+    """false drops both KD terms: each network trains alone (the CE baseline)"""
 
 
 class CssBottleneck(nn.Module):
@@ -165,7 +167,7 @@ class CssMultiBranchResNet(nn.Module):
 # resnet_css.py's resnet56, resnet110 and wide_resnet20_8: (blocks per stage, block)
 CSS_RESNETS = {"css_resnet56": (6, CssBottleneck), "css_resnet110": (12, CssBottleneck)}
 CSS_RESNETS["css_wide_resnet20_8"] = (2, CssWideBottleneck)
-DIVERGENCE_HINT = "CSS's official step diverges at small scale: try --detach-kd-target true (docs/css.md)."
+DIVERGENCE_HINT = "CSS's official step diverges at small scale (docs/css.md): try --detach-kd-target true."
 CSS_KIND = "CSS multi-branch network; the zoo's resnet56/110 are single-branch"
 
 
@@ -314,8 +316,7 @@ if __name__ == "__main__":
     base_lr = 0.1 if args.learning_rate is None else args.learning_rate  # train.py's lr
     optimizer_t = common.make_sgd(net_t.parameters(), base_lr, args)
     optimizer_s = common.make_sgd(net_s.parameters(), base_lr, args)
-    # last.pth has net2 in the standard slots, net1 beside: it loads as a net2 checkpoint too.
-    trained_with = {"net1_model": net_t, "net1_optimizer": optimizer_t}
+    trained_with = {"net1_model": net_t, "net1_optimizer": optimizer_t}  # saved beside net2
     start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args, trained_with)
     best_net1 = checkpoint["best_net1"] if checkpoint else dict(best)
     best_ensemble = checkpoint["best_ensemble"] if checkpoint else dict(best)
@@ -370,8 +371,7 @@ if __name__ == "__main__":
             common.save_checkpoint(run_dir / "best.pth", best_weights)
         if result["net1_top1"] > best_net1["top1"]:
             best_net1 = {"top1": result["net1_top1"], "top5": result["net1_top5"], "epoch": epoch}
-            best_net1_weights = common.model_payload(net_t, epoch + 1, best_net1, args)
-            common.save_checkpoint(run_dir / "best_net1.pth", best_net1_weights)
+            common.save_checkpoint(run_dir / "best_net1.pth", common.model_payload(net_t, epoch + 1, best_net1, args))
         if result["ensemble_top1"] > best_ensemble["top1"]:
             best_ensemble = {"top1": result["ensemble_top1"], "top5": result["ensemble_top5"], "epoch": epoch}
         metrics.update({"lr": lr, "test/top1": result["net2_top1"], "test/top5": result["net2_top5"]})

@@ -57,6 +57,8 @@ class Args:
     """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
+    test_subset: Optional[int] = None
+    """evaluate on the first N test images only (quick runs; never a published-protocol number)"""
     eval_batch_size: int = 128
     """test-time batch size (no effect on accuracy)"""
     tensorboard: bool = False
@@ -268,8 +270,7 @@ def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
     provenance = {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None}
     best_cache = cache_path.with_name(cache_path.stem + "_best.pth")
     common.publish_stage(run_dir / "best.pth", best_cache, "stage 1's best checkpoint", **provenance)
-    # Published last: the cache file's existence means that stage 1 is complete.
-    common.publish_stage(run_dir / "last.pth", cache_path, "stage 1's last checkpoint", **provenance)
+    common.publish_stage(run_dir / "last.pth", cache_path, "stage 1's last.pth", **provenance)  # last: marks it done
 
 
 def prepare_teacher(args, data, device):

@@ -4,11 +4,11 @@ Paper: G. Xu, Z. Liu, X. Li, C. C. Loy, ECCV 2020, https://arxiv.org/abs/2006.07
 xuguodong03/SSKD@661b972 (`student.py`, `wrapper.py`, `cifar.py`; docs/sskd.md).
 
 Every training image comes in four copies, rotated by 0, 90, 180 and 270 degrees. Teacher and student each get a
-projection head on their pooled feature; a rotated copy should be most similar (cosine) to the upright copy of its own
-image among the batch's upright copies. One command runs three stages: kd.py's cross-entropy teacher, 60 epochs that
-train only the teacher's head on that task, then the student, which learns the labels, the teacher's softened class
-distribution on the upright (KD) and rotated ("tf") copies and its similarity distribution ("ss"), without the rotated
-rows the teacher errs worst on ("selective transfer"). Compared with kd.py: four copies, two heads, stage 2, sskd_loss.
+projection head on their pooled feature; a rotated copy should be most similar (cosine) to its own upright copy among
+the batch's. One command runs three stages: kd.py's CE teacher, 60 epochs that train only the teacher's head on that
+task, then the student, which learns the labels, the teacher's softened class distribution on the upright (KD) and
+rotated ("tf") copies and its similarity distribution ("ss"), less the rotated rows the teacher errs worst on
+("selective transfer"). Compared with kd.py: four copies, two heads, stage 2, sskd_loss.
 
 Run: python sskd.py --teacher resnet32x4 --student resnet8x4
 """
@@ -51,6 +51,8 @@ class Args:
     """with --resume, accept arguments that differ from the interrupted run's (resumes.jsonl)"""
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
+    test_subset: Optional[int] = None
+    """evaluate on the first N test images only (quick runs; never a published-protocol number)"""
     eval_batch_size: int = 128
     """test-time batch size (no effect on accuracy)"""
     tensorboard: bool = False
@@ -163,8 +165,7 @@ def projection_head(feat_dim):
 
 
 def similarity_matrix(projections):
-    """S[j, b] = cos(rotated row j, upright row b): [4B, d] -> [3B, B]; row j's positive column is j // 3.
-    Always fp32: the ss term divides cosines by 0.5, and bf16's three digits would blur them."""
+    """S[j, b] = cos(rotated j, upright b): [4B, d] -> [3B, B], positive column j // 3; fp32 (bf16 blurs S / 0.5)."""
     with torch.autocast(projections.device.type, enabled=False):
         upright, rotated = split_rotations(F.normalize(projections.float(), dim=1, eps=1e-8))
         return rotated @ upright.T
@@ -282,8 +283,7 @@ HEAD_RECIPE += ("momentum", "nesterov", "weight_decay", "head_T", "head_seed", "
 
 
 def load_teacher_head(path, feat_dim, device):
-    """A head saved by this file ({"head": ...}) or SSKD's ckpt/teacher.pth (wrapper keys proj_head.*),
-    frozen, on `device`. Returns (head, its test ss top-1 when recorded)."""
+    """A frozen head from this file's cache ({"head": ...}) or SSKD's ckpt/teacher.pth (proj_head.*)."""
     checkpoint = common.load_checkpoint(path, "teacher head", "If it is a cached head, delete it to train it again.")
     state = checkpoint.get("head")
     if state is None:  # SSKD's wrapper: the head's keys are proj_head.*

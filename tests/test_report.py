@@ -252,3 +252,11 @@ def test_each_method_is_paired_seed_by_seed_with_its_matched_baseline(tmp_path):
     table = report.markdown(list(rows.values()), [])
     assert "+3.50 [+3.00, +4.00] vs baseline resnet8 (n 2)" in table and "10,000 resamples" in table
     assert "difference_ci95" in report.csv_text(list(rows.values())).splitlines()[0]
+
+
+def test_a_run_on_part_of_the_test_set_is_never_compared_with_a_published_number(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "kd_quick", "kd", {**KD_ARGS, "test_subset": 500}, 1, 70.0, 71.0)
+    rows, _ = report.rows_of(root, report.load_published(), warn=lambda message: None)
+    assert rows[0]["published_top1"] is None and rows[0]["difference"] is None and rows[0]["test_subset"] == 500
+    assert "not comparable: 500 test images" in report.markdown(rows, [])

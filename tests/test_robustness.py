@@ -614,3 +614,28 @@ def test_baseline_takes_checkpoint_dir_and_can_cache_its_model_as_the_teacher(tm
     )
     assert distilled.returncode == 0 and f"teacher resnet8 from {cached}" in distilled.stdout
     assert "training one with baseline.py" not in distilled.stdout
+
+
+def test_a_test_subset_evaluates_the_first_n_images_and_is_recorded(tmp_path, cifar_dir):
+    flags = ["--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "32", "--epochs", "1"]
+    result = run_script("baseline.py", *flags, "--test-subset", "50", "--run-name", "q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "runs" / "q" / "summary.json").read_text())
+    assert summary["args"]["test_subset"] == 50 and (summary["last_top1"] * 50 / 100).is_integer()
+    too_many = run_script("baseline.py", *flags, "--test-subset", "999", "--run-name", "r", cwd=tmp_path)
+    assert too_many.returncode != 0 and "--test-subset 999 is larger than the 200 test images" in too_many.stderr
+
+
+def test_a_long_evaluation_says_how_far_it_is(monkeypatch, capsys):
+    monkeypatch.setattr(common, "EVALUATION_PROGRESS_SECONDS", -1)  # every batch counts as long
+    data = common.CifarData(
+        torch.zeros(4, 3, 32, 32, dtype=torch.uint8),
+        torch.zeros(4, dtype=torch.long),
+        torch.zeros(6, 3, 32, 32, dtype=torch.uint8),
+        torch.zeros(6, dtype=torch.long),
+        10,
+        torch.zeros(1, 3, 1, 1),
+        torch.ones(1, 3, 1, 1),
+    )
+    assert len(list(common.test_batches(data, 2))) == 3
+    assert "evaluating: 2/6 test images" in capsys.readouterr().out

@@ -306,6 +306,8 @@ def summarise(group, tables):
     teachers = [run["summary"]["teacher_top1"] for run in runs if "teacher_top1" in run["summary"]]
     teacher, student, model = models_of(method, args)
     published = published_for(method, args, tables)
+    if args.get("test_subset"):  # a part of the test set is never a published-protocol number
+        published = None
     difference = None
     if published:
         ours = best_mean if published["epoch"] == "best" else last_mean
@@ -326,6 +328,7 @@ def summarise(group, tables):
         "teacher_top1": statistics.fmean(teachers) if teachers else None,
         "published_top1": published["top1"] if published else None,
         "published_protocol": protocol_text(published) if published else None,
+        "test_subset": args.get("test_subset"),
         "difference": difference,
         "run_dirs": [str(run["dir"]) for run in runs],
     }
@@ -385,6 +388,8 @@ def markdown(rows, unfinished):
     for row in rows:
         models = f"{row['teacher']} → {row['student']}" if row["teacher"] else row["model"]
         published = f"{row['published_top1']:.2f} ({row['published_protocol']})" if row["published_top1"] else "—"
+        if row.get("test_subset"):
+            published = f"not comparable: {row['test_subset']} test images"
         difference = f"{row['difference']:+.2f}" if row["difference"] is not None else "—"
         paired = "—"
         if row.get("difference_mean") is not None:

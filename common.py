@@ -226,6 +226,14 @@ def load_cifar(dataset, data_dir, download=True):
     return train_images, train_labels, test_images, test_labels
 
 
+def fixed_sample(images, labels, count):
+    """`count` images drawn once with a fixed seed (0), in their original order, the same for every run and
+    every --seed: a test set stored sorted by class (as some CIFAR-10 copies are) would otherwise give a
+    "first N" subset of one or two classes."""
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:count].sort().values
+    return images[keep], labels[keep]
+
+
 def load_data(args, device):
     """Load the dataset named by `args` onto `device` (fields: dataset, data_dir, normalize,
     train_subset, amp)."""
@@ -240,8 +248,8 @@ def load_data(args, device):
     test_subset = getattr(args, "test_subset", None)
     if test_subset and test_subset > len(test_labels):
         raise ConfigError(f"--test-subset {test_subset} is larger than the {len(test_labels)} test images")
-    if test_subset:  # quick runs: the first N test images (summary.json records it; reports flag it)
-        test_images, test_labels = test_images[:test_subset], test_labels[:test_subset]
+    if test_subset:  # quick runs (summary.json records it; reports flag it)
+        test_images, test_labels = fixed_sample(test_images, test_labels, test_subset)
     if args.normalize not in NORMALIZE:
         raise ConfigError(f"unknown --normalize '{args.normalize}'; choose one of: {', '.join(NORMALIZE)}")
     mean, std = NORMALIZE[args.normalize]

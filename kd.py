@@ -53,7 +53,7 @@ class Args:
     train_subset: Optional[int] = None
     """train on the first N training images only (quick runs)"""
     test_subset: Optional[int] = None
-    """evaluate on the first N test images only (quick runs; never a published-protocol number)"""
+    """evaluate on N test images, a fixed sample (quick runs; never a published-protocol number)"""
     eval_batch_size: int = 128
     """test-time batch size (no effect on accuracy)"""
     tensorboard: bool = False

@@ -616,7 +616,7 @@ def test_baseline_takes_checkpoint_dir_and_can_cache_its_model_as_the_teacher(tm
     assert "training one with baseline.py" not in distilled.stdout
 
 
-def test_a_test_subset_evaluates_the_first_n_images_and_is_recorded(tmp_path, cifar_dir):
+def test_a_test_subset_evaluates_n_images_and_is_recorded(tmp_path, cifar_dir):
     flags = ["--data-dir", cifar_dir, "--model", "resnet8", "--train-subset", "32", "--epochs", "1"]
     result = run_script("baseline.py", *flags, "--test-subset", "50", "--run-name", "q", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -624,6 +624,15 @@ def test_a_test_subset_evaluates_the_first_n_images_and_is_recorded(tmp_path, ci
     assert summary["args"]["test_subset"] == 50 and (summary["last_top1"] * 50 / 100).is_integer()
     too_many = run_script("baseline.py", *flags, "--test-subset", "999", "--run-name", "r", cwd=tmp_path)
     assert too_many.returncode != 0 and "--test-subset 999 is larger than the 200 test images" in too_many.stderr
+
+
+def test_a_test_subset_is_a_fixed_sample_that_mixes_the_classes_of_a_sorted_test_set():
+    images, labels = torch.arange(1000), torch.arange(1000) // 100  # sorted by class, as some CIFAR-10 copies are
+    kept_images, kept_labels = common.fixed_sample(images, labels, 200)
+    assert kept_labels.unique().numel() == 10 and kept_images.unique().numel() == 200
+    assert torch.equal(kept_images, kept_images.sort().values)  # the original order is kept
+    torch.manual_seed(123)  # the global stream (--seed) does not change the sample
+    assert torch.equal(common.fixed_sample(images, labels, 200)[0], kept_images)
 
 
 def test_a_long_evaluation_says_how_far_it_is(monkeypatch, capsys):

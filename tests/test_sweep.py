@@ -24,16 +24,22 @@ def run_sweep(*args, cwd):
     )
 
 
-def test_cpu_demo_preset_runs_every_method_beside_its_baseline_for_two_seeds(tmp_path):
+def test_cpu_demo_preset_runs_every_method_beside_its_baseline_for_three_seeds_after_one_teacher(tmp_path):
     result = run_sweep("--preset", "cpu-demo", "--dry-run", "--", "--data-dir", "/data", cwd=tmp_path)
     commands = [shlex.split(line) for line in result.stdout.splitlines()]
-    assert len(commands) == 20  # 10 grid points x seeds 1, 2
+    assert len(commands) == 1 + 10 * 3  # the teacher once, 10 grid points x seeds 1, 2, 3
     scripts = sorted({command[1].rsplit("/", 1)[1] for command in commands})
     assert scripts == ["baseline.py", "css.py", "hssakd.py", "kd.py", "lsskd.py", "pskd.py", "sskd.py"]
     names = [command[command.index("--run-name") + 1] for command in commands]
-    assert "pskd-ce_resnet8_cifar10_seed2" in names and "lsskd-floor_resnet8_cifar10_seed1" in names
+    assert names[0] == "baseline-teacher_resnet20_cifar10_seed1" and "--train-subset" not in commands[0]
+    assert "pskd-ce_vgg8_cifar10_seed3" in names and "lsskd-floor_resnet8_cifar10_seed1" in names
     assert all("--data-dir" in command and "cifar10" in command for command in commands)
-    assert not any(name.endswith(("_seed1_", "seed3")) for name in names)  # the data folder is not in the name
+    assert not any(name.endswith(("_seed1_", "seed4")) for name in names)  # the data folder is not in the name
+    teacher_file = str(tmp_path / "runs" / names[0] / "last.pth")  # the output folder is filled in
+    distilled = [command for command in commands if command[1].endswith(("/kd.py", "/sskd.py", "/hssakd.py"))]
+    assert len(distilled) == 9 and all(
+        command[command.index("--teacher-path") + 1] == teacher_file for command in distilled
+    )
 
 
 def test_published_presets_follow_the_tables_pairs_with_three_seeds(tmp_path):
@@ -267,6 +273,27 @@ def test_a_shared_teacher_stage_is_trained_by_one_run_before_the_runs_that_need_
     assert not sweep.ready(second_head, sweep.stage_leaders([*runs, second_head]))  # waits for sskd's head
 
 
+def test_a_grid_teacher_run_leads_the_runs_given_its_file_and_slurm_chains_it_before_their_stages(tmp_path):
+    runs = sweep.build_runs(sweep.presets()["cpu-demo"], [1, 2], [])
+    teacher, leaders = runs[0], sweep.stage_leaders(runs)
+    kd = [run for run in runs if run.method == "kd"]
+    sskd = [run for run in runs if run.method == "sskd"]
+    assert [sweep.ready(run, leaders) for run in (teacher, kd[0], sskd[0])] == [True, False, False]
+    teacher.status = "done"
+    assert sweep.ready(kd[0], leaders) and sweep.ready(kd[1], leaders) and sweep.ready(sskd[0], leaders)
+    assert not sweep.ready(sskd[1], leaders)  # waits for the head trained by sskd[0]
+    phases = sweep.teacher_phases(runs)
+    assert [[run.method for run in phase] for phase in phases] == [["baseline"], ["sskd", "hssakd"]]
+    teacher.status = "skipped"  # finished earlier: nothing waits on it
+    assert sweep.ready(kd[0], sweep.stage_leaders(runs))
+    result = run_sweep("--preset", "cpu-demo", "--slurm", "grid.sbatch", "--output-dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--dependency=afterok:$jid grid.teachers2.sbatch" in result.stdout
+    assert (
+        "--teacher-path out/baseline-teacher_resnet20_cifar10_seed1/last.pth" in (tmp_path / "grid.sbatch").read_text()
+    )
+
+
 def test_the_slurm_scripts_chain_the_teacher_array_first_throttle_and_name_no_local_path(tmp_path):
     result = run_sweep(
         *("--methods", "kd", "pskd", "--pairs", "resnet56:resnet20", "--seeds", 1, 2),
@@ -289,7 +316,7 @@ def test_the_slurm_scripts_chain_the_teacher_array_first_throttle_and_name_no_lo
 def test_no_printed_command_gives_a_flag_twice(tmp_path):
     lines = run_sweep("--preset", "cpu-demo", "--dry-run", cwd=tmp_path).stdout.splitlines()
     css = [line for line in lines if "css.py" in line]
-    assert css and all("--epochs 4" in line and "--train-subset 2000" in line for line in css)
+    assert css and all("--epochs 15" in line and "--train-subset 1000" in line for line in css)
     for line in lines:
         flags = [token for token in shlex.split(line) if token.startswith("--")]
         assert len(flags) == len(set(flags)), line

@@ -67,7 +67,7 @@ class Run:
         command = [
             sys.executable,
             str(REPO / f"{self.method}.py"),
-            *self.flags,
+            *(token.replace(OUTPUT_DIR, str(output_dir)) for token in self.flags),
             "--seed",
             str(self.seed),
             "--output-dir",
@@ -78,6 +78,13 @@ class Run:
         if device:
             command += ["--device", device]
         return command + (["--resume"] if resume else [])
+
+
+# In a preset's flags: the sweep's --output-dir, filled in when a command is made (the run names stay the same
+# whichever folder a grid is run in); and the last.pth of the grid's teacher run (tag "teacher"), filled in when
+# the grid is built.
+OUTPUT_DIR = "{output_dir}"
+TEACHER_RUN = "{teacher_run}"
 
 
 # Extra flags that say where things are or how a run is watched; they do not change what is trained, so
@@ -190,65 +197,74 @@ def published_presets():
     return presets
 
 
-# cpu-demo: every method on real CIFAR-10 at a scale a 2-core CPU finishes (2 seeds), each beside its matched
-# baseline: 4,000 training images, 10 epochs, bf16 (--amp), a resnet20 teacher trained first, resnet8 students.
-# CSS trains two css_resnet56 networks (its smallest pair) on 2,000 images for 4 epochs, in the detached form:
-# its default (the official gradients) diverged within two epochs on this CPU (docs/css.md, Results).
-# Measured wall time and the table: docs/results.md.
-CPU_DEMO_RECIPE = ["--train-subset", "4000", "--epochs", "10", "--lr-milestones", "7", "--amp"]
-CSS_DEMO = [
-    "--epochs",
-    "4",
-    "--warmup-epochs",
-    "1",
-    "--lr-milestones",
-    "3",
-    "--train-subset",
-    "2000",
-    "--detach-kd-target",
-    "true",
-    "--detach-ratio",
-    "true",
-]
+# cpu-demo: every method on real CIFAR-10 beside its matched baseline, 3 seeds, at a scale a 2-core CPU finishes
+# in under two hours (measured: docs/results.md). Each group is sized for its mechanism to act:
+# - a resnet20 teacher trained once on all 50,000 images (5 epochs), far above the students;
+# - KD, SSKD, HSAKD and LSSKD: resnet8 students on 1,000 images for 30 epochs;
+# - PS-KD, a regulariser that can only help where cross-entropy overfits: vgg8 on 1,000 images for 60 epochs
+#   (its train top-1 nears 100 %); VGG's HSAKD/LSSKD branches are 20x slower than the network on a CPU;
+# - CSS: its two smallest networks on 1,000 images for 15 epochs, in the detached form: the official gradients
+#   diverged within two epochs on this CPU (docs/css.md).
+# Every student run evaluates a fixed sample of 2,000 test images (--test-subset), so evaluation stays a small
+# part of each epoch.
+CPU_DEMO_STUDENT = ["--train-subset", "1000", "--test-subset", "2000", "--amp"]
+CPU_DEMO_TEACHER = ["--epochs", "5", "--lr-milestones", "3", "4", "--amp"]
+RESNET8_RECIPE = [*CPU_DEMO_STUDENT, "--epochs", "30", "--lr-milestones", "20", "25"]
+VGG8_RECIPE = [*CPU_DEMO_STUDENT, "--epochs", "60", "--lr-milestones", "40", "50"]
+CSS_RECIPE = [*CPU_DEMO_STUDENT, "--epochs", "15", "--warmup-epochs", "1", "--lr-milestones", "10", "13"]
+CSS_DETACHED = ["--detach-kd-target", "true", "--detach-ratio", "true"]
+TEACHER_STAGE = ["--teacher-path", TEACHER_RUN]
 CPU_DEMO = [
-    # method, (teacher, student), tag, method flags
-    ("baseline", ("resnet20", "resnet8"), "", []),
-    ("kd", ("resnet20", "resnet8"), "", ["--ce-teacher-epochs", "10"]),
-    ("sskd", ("resnet20", "resnet8"), "", ["--ce-teacher-epochs", "10", "--t-epochs", "4", "--t-milestones", "3"]),
+    # method, (teacher, student), tag, flags; the sweep starts runs in this order as soon as what they need is
+    # trained, so the longest teacher-free runs go first, beside the teacher
+    ("baseline", ("", "resnet20"), "teacher", CPU_DEMO_TEACHER),  # first: the others' --teacher-path
+    ("css", ("css_resnet56", "css_resnet56"), "", [*CSS_RECIPE, *CSS_DETACHED]),
+    ("css", ("css_resnet56", "css_resnet56"), "ce", [*CSS_RECIPE, *CSS_DETACHED, "--distill", "false"]),
+    ("lsskd", ("", "resnet8"), "", RESNET8_RECIPE),
+    ("lsskd", ("", "resnet8"), "floor", [*RESNET8_RECIPE, "--alpha-T", "0", "--lambda-kl", "0", "--lambda-feat", "0"]),
+    ("pskd", ("", "vgg8"), "", VGG8_RECIPE),
+    ("pskd", ("", "vgg8"), "ce", [*VGG8_RECIPE, "--pskd", "false"]),
+    ("baseline", ("", "resnet8"), "", RESNET8_RECIPE),
+    ("kd", ("resnet20", "resnet8"), "", [*RESNET8_RECIPE, *TEACHER_STAGE]),
+    ("sskd", ("resnet20", "resnet8"), "", [*RESNET8_RECIPE, *TEACHER_STAGE, "--t-epochs", "5", "--t-milestones", "3"]),
     (
         "hssakd",
         ("resnet20", "resnet8"),
         "",
-        ["--ce-teacher-epochs", "10", "--teacher-epochs", "4", "--teacher-milestones", "3"],
+        [*RESNET8_RECIPE, *TEACHER_STAGE, "--teacher-epochs", "5", "--teacher-milestones", "3"],
     ),
-    ("pskd", ("", "resnet8"), "", []),
-    ("pskd", ("", "resnet8"), "ce", ["--pskd", "false"]),
-    ("lsskd", ("", "resnet8"), "", []),
-    ("lsskd", ("", "resnet8"), "floor", ["--alpha-T", "0", "--lambda-kl", "0", "--lambda-feat", "0"]),
-    ("css", ("css_resnet56", "css_resnet56"), "", CSS_DEMO),
-    ("css", ("css_resnet56", "css_resnet56"), "ce", [*CSS_DEMO, "--distill", "false"]),
 ]
 
 
 def presets():
     found = published_presets()
     found["cifar100-all"] = [point for name, points in sorted(found.items()) for point in points]
-    found["cpu-demo"] = [
-        (method, pair, "cifar10", tag, [*CPU_DEMO_RECIPE, *flags]) for method, pair, tag, flags in CPU_DEMO
-    ]
+    found["cpu-demo"] = [(method, pair, "cifar10", tag, flags) for method, pair, tag, flags in CPU_DEMO]
     return found
 
 
 def build_runs(points, seeds, extra_flags):
-    runs, names = [], set()
+    """The runs of a grid, seeds inner. A point tagged "teacher" is trained once (first seed): its last.pth is
+    the TEACHER_RUN of the points after it."""
+    runs, names, teacher_file = [], set(), None
     for method, pair, dataset, tag, variant in points:
         flags, models = grid_point(method, pair, dataset, tag, variant)
-        for seed in seeds:
+        if TEACHER_RUN in flags and teacher_file is None:
+            raise SweepError(f"a {method} point names the teacher run, but no point tagged 'teacher' comes first")
+        flags = [teacher_file if token == TEACHER_RUN else token for token in flags]
+        for seed in seeds[:1] if tag == "teacher" else seeds:
             name = run_name(method, tag, models, dataset, seed, extra_flags)
+            if tag == "teacher":
+                teacher_file = teacher_file_of(name)
             if name not in names:
                 names.add(name)
                 runs.append(Run(method, [*flags, *extra_flags], seed, name))
     return runs
+
+
+def teacher_file_of(name):
+    """The checkpoint a grid run leaves, as a flag value (OUTPUT_DIR is filled in when a command is made)."""
+    return f"{OUTPUT_DIR}/{name}/last.pth"
 
 
 # ---- shared teacher stages: trained first, by one run each ----
@@ -270,10 +286,12 @@ def flag_values(flags, names):
 
 def stage_keys(run):
     """(CE-teacher key, teacher-stage key) of a run: runs with equal keys share that cached stage; None where a
-    run needs none. SSKD's head and HSAKD's stage 1 depend on every flag of the run except the student."""
+    run needs none. A teacher given by --teacher-path is keyed by its file (a grid run may make it); SSKD's
+    head and HSAKD's stage 1 depend on every flag of the run except the student."""
     if run.method not in DISTILLATION:
         return None, None
-    teacher = json.dumps(sorted(flag_values(run.flags, TEACHER_FLAGS).items()))
+    given = flag_values(run.flags, ("--teacher-path",)).get("--teacher-path")
+    teacher = "file " + given if given else json.dumps(sorted(flag_values(run.flags, TEACHER_FLAGS).items()))
     if run.method == "kd":
         return teacher, None
     student_at = run.flags.index("--student")
@@ -281,14 +299,17 @@ def stage_keys(run):
 
 
 def stage_leaders(runs):
-    """{key: the first unfinished run that needs that stage}: it trains the stage; runs that need it start
-    after it, so no device slot waits on a cache lock while one run trains a teacher."""
+    """{key: the run that makes that stage}: the unfinished grid run whose last.pth is a --teacher-path, else
+    the first unfinished run that needs the stage (it trains it); runs that need a stage start after its
+    leader, so no device slot waits on a cache lock while one run trains a teacher."""
+    makers = {"file " + teacher_file_of(run.name): run for run in runs if run.status != "skipped"}
     leaders = {}
     for run in runs:
-        if run.status != "skipped":
-            for key in stage_keys(run):
-                if key is not None:
-                    leaders.setdefault(key, run)
+        for key in stage_keys(run):
+            if key in makers:
+                leaders[key] = makers[key]
+            elif key is not None and not key.startswith("file ") and run.status != "skipped":
+                leaders.setdefault(key, run)
     return leaders
 
 
@@ -447,21 +468,32 @@ def portable_command(run, output_dir):
     return [str(Path(command[0]).relative_to(REPO)), *command[1:]]
 
 
+def teacher_phases(runs):
+    """The runs that make shared stages, in phases: a phase's runs need only stages made in earlier phases
+    (a grid teacher run comes before the SSKD head and HSAKD stage 1 trained on it)."""
+    leaders = stage_leaders(runs)
+    left, phases, made = list({id(run): run for run in leaders.values()}.values()), [], set()
+    while left:
+        phase = [run for run in left if all(leaders.get(key) in (None, run) or key in made for key in stage_keys(run))]
+        made.update(key for key, leader in leaders.items() if leader in phase)
+        left = [run for run in left if run not in phase]
+        phases.append(phase)
+    return phases
+
+
 def write_slurm(runs, path, output_dir, throttle):
-    """The grid as SLURM array jobs. With shared teacher stages, two: PATH.teachers.sbatch runs one run per
-    stage (which trains it), and PATH runs the whole grid after it (afterok; the teacher runs are then
-    finished and skipped). Returns the submit command."""
+    """The grid as SLURM array jobs. With shared teacher stages: PATH.teachers.sbatch (then .teachers2.sbatch
+    ...) runs one run per stage (which trains it), each phase after the one it needs, and PATH runs the whole
+    grid last (afterok; the teacher runs are then finished and skipped). Returns the submit command."""
     path = Path(path)
     path.write_text(slurm_script(runs, output_dir, throttle))
-    leaders = list({id(run): run for run in stage_leaders(runs).values()}.values())
-    if not leaders:
-        return f"sbatch {shlex.quote(str(path))}"
-    teachers = path.with_name(path.stem + ".teachers.sbatch")
-    teachers.write_text(slurm_script(leaders, output_dir, throttle, job_name="kd-sweep-teachers"))
-    return (
-        f"jid=$(sbatch --parsable {shlex.quote(str(teachers))}) && "
-        f"sbatch --dependency=afterok:$jid {shlex.quote(str(path))}"
-    )
+    submit, dependency = [], ""
+    for number, phase in enumerate(teacher_phases(runs), 1):
+        teachers = path.with_name(path.stem + f".teachers{number if number > 1 else ''}.sbatch")
+        teachers.write_text(slurm_script(phase, output_dir, throttle, job_name=f"kd-sweep-teachers{number}"))
+        submit.append(f"jid=$(sbatch --parsable {dependency}{shlex.quote(str(teachers))})")
+        dependency = "--dependency=afterok:$jid "
+    return " && ".join([*submit, f"sbatch {dependency}{shlex.quote(str(path))}"])
 
 
 def main(argv=None):
@@ -479,7 +511,7 @@ def main(argv=None):
         "--pairs", nargs="+", default=[], help="TEACHER:STUDENT pairs; teacher-free methods also take a bare MODEL"
     )
     parser.add_argument("--dataset", default="cifar100", choices=("cifar100", "cifar10"), help="for an explicit grid")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 1 2 3; cpu-demo: 1 2)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 1 2 3)")
     parser.add_argument("--output-dir", default="runs", help="parent folder of the run folders and logs/")
     parser.add_argument("--devices", default="cpu", help="comma-separated: cpu, or cuda:0,cuda:1,...")
     parser.add_argument("--jobs-per-device", type=int, default=1, help="runs kept going at once on each device")
@@ -536,8 +568,7 @@ def runs_from_options(options, extra_flags):
         known = presets()
         if options.preset not in known:
             raise SweepError(f"unknown preset {options.preset!r}; choose one of: {', '.join(sorted(known))}")
-        seeds = options.seeds or ([1, 2] if options.preset == "cpu-demo" else [1, 2, 3])
-        return build_runs(known[options.preset], seeds, extra_flags)
+        return build_runs(known[options.preset], options.seeds or [1, 2, 3], extra_flags)
     unknown = [method for method in options.methods if method not in METHODS]
     if unknown:
         raise SweepError(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")

@@ -316,7 +316,7 @@ def test_the_slurm_scripts_chain_the_teacher_array_first_throttle_and_name_no_lo
 def test_no_printed_command_gives_a_flag_twice(tmp_path):
     lines = run_sweep("--preset", "cpu-demo", "--dry-run", cwd=tmp_path).stdout.splitlines()
     css = [line for line in lines if "css.py" in line]
-    assert css and all("--epochs 15" in line and "--train-subset 1000" in line for line in css)
+    assert css and all("--epochs 8" in line and "--train-subset 4000" in line for line in css)
     for line in lines:
         flags = [token for token in shlex.split(line) if token.startswith("--")]
         assert len(flags) == len(set(flags)), line

@@ -129,7 +129,8 @@ def test_plots_write_valid_png_files(runs, tmp_path):
     result = run_report(runs, "--plots", tmp_path / "figures")
     assert result.returncode == 0, result.stderr
     pngs = sorted((tmp_path / "figures").glob("*.png"))
-    assert len(pngs) == 4  # three configurations, one comparison for resnet20 on cifar100
+    assert len(pngs) == 6  # three configurations, one comparison for resnet20 on cifar100, and:
+    assert {"against_baselines.png", "differences.png"} <= {path.name for path in pngs}
     assert any(path.name.startswith("compare_cifar100_resnet20") for path in pngs)
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in pngs)
     kd = next(

@@ -460,8 +460,10 @@ def group_label(group):
     return " ".join(part for part in (group["method"], models, group.get("setting", "")) if part)
 
 
-def plot_groups(groups, folder):
-    """One PNG per configuration, and one per student network comparing every method that trained it."""
+def plot_groups(groups, folder, rows=()):
+    """One PNG per configuration, one per student network comparing every method that trained it, and from
+    the table's rows: every method beside its matched baseline (against_baselines.png) and every paired
+    difference with its interval (differences.png)."""
     try:
         import matplotlib
 
@@ -498,6 +500,7 @@ def plot_groups(groups, folder):
             f"{group_label(group)}: mean ± std over seeds",
             f"run_{index:02d}_{safe(group_label(group))}.png",
         )
+    written += plot_against_baselines(groups, folder, plt) + plot_differences(rows, folder, plt)
     by_network = {}
     for group in groups:
         teacher, student, model = models_of(group["method"], group["args"])
@@ -514,6 +517,62 @@ def plot_groups(groups, folder):
                 f"compare_{safe(str(dataset))}_{safe(str(network))}.png",
             )
     return written
+
+
+def plot_against_baselines(groups, folder, plt):
+    """One panel per method that has a matched baseline: both mean curves, each with a band of ± 1 std."""
+    pairs = [(group, baseline) for group in groups if (baseline := matched_baseline(group, groups))]
+    if not pairs:
+        return []
+    columns = min(3, len(pairs))
+    figure, axes = plt.subplots(
+        math.ceil(len(pairs) / columns), columns, figsize=(4.4 * columns, 3.3 * math.ceil(len(pairs) / columns))
+    )
+    axes = list(getattr(axes, "flat", [axes]))
+    for axis, (group, baseline) in zip(axes, pairs):
+        for member, colour in ((baseline, "tab:gray"), (group, "tab:blue")):
+            epochs, means, stds = curves(member)
+            axis.plot(epochs, means, color=colour, label=f"{group_label(member)}: mean")
+            low, high = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
+            axis.fill_between(
+                epochs, low, high, color=colour, alpha=0.2, label=f"± 1 std over {len(member['runs'])} seeds"
+            )
+        axis.set_title(f"{group_label(group)} vs its baseline", fontsize=8)
+        axis.set_xlabel("epoch", fontsize=7)
+        axis.set_ylabel("test top-1 (%)", fontsize=7)
+        axis.legend(fontsize=6)
+    for axis in axes[len(pairs) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    path = Path(folder) / "against_baselines.png"
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return [path]
+
+
+def plot_differences(rows, folder, plt):
+    """Each row's mean paired difference (method - matched baseline, same seed) with its 95 % bootstrap
+    interval, and a zero line; a row with one paired seed is a dot without an interval."""
+    shown = [row for row in rows if row.get("difference_mean") is not None]
+    if not shown:
+        return []
+    figure, axis = plt.subplots(figsize=(6.5, 0.45 * len(shown) + 1.4))
+    for place, row in enumerate(shown):
+        mean, interval = row["difference_mean"], row["difference_ci95"] or [row["difference_mean"]] * 2
+        axis.errorbar(mean, place, xerr=[[mean - interval[0]], [interval[1] - mean]], fmt="o", capsize=3)
+    axis.axvline(0, color="black", linewidth=0.8)
+    labels = [f"{row['method']} {row['setting']} ({row['teacher'] + '→' if row['teacher'] else ''}" for row in shown]
+    labels = [
+        f"{label}{row['student'] or row['model']}, n={len(row['paired_seeds'])})" for label, row in zip(labels, shown)
+    ]
+    axis.set_yticks(range(len(shown)), [" ".join(label.split()) for label in labels], fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("method − matched baseline, last-epoch test top-1 (points), 95 % bootstrap interval", fontsize=7)
+    figure.tight_layout()
+    path = Path(folder) / "differences.png"
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return [path]
 
 
 def safe(text):
@@ -601,7 +660,7 @@ def main(argv=None):
             for group in groups:
                 group["runs"] = one_run_per_seed(group, warn=lambda message: None)
             differing_settings(groups)
-            for path in plot_groups(groups, options.plots):
+            for path in plot_groups(groups, options.plots, rows):
                 print(f"wrote {path}", file=sys.stderr)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -84,6 +84,7 @@ NORMALIZE = {
     "repdistiller": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "sskd": ((0.5071, 0.4866, 0.4409), (0.2675, 0.2565, 0.2761)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's; every recipe beyond CIFAR
 }
 
 
@@ -94,9 +95,15 @@ ARCHIVES = {
 }
 
 
+NormalizeName = typing.Literal[tuple(NORMALIZE)]  # --normalize
+
+
 def default_normalize(dataset, cifar100_recipe):
     """The constants an unset --normalize means: CIFAR-10's own statistics on cifar10 (every official
-    code base here that trains CIFAR-10 uses them), the method's recipe constants on cifar100."""
+    code base here that trains CIFAR-10 uses them), the method's recipe constants on cifar100, ImageNet's on
+    folder datasets."""
+    if dataset in ("imagenet", "tiny-imagenet", "imagefolder"):
+        return "imagenet"  # ImageNet's statistics: every recipe beyond CIFAR uses them
     return "cifar10" if dataset == "cifar10" else cifar100_recipe
 
 
@@ -235,24 +242,19 @@ def fixed_sample(images, labels, count):
 
 
 def load_data(args, device):
-    """Load the dataset named by `args` onto `device` (fields: dataset, data_dir, normalize,
-    train_subset, amp)."""
-    train_images, train_labels, test_images, test_labels = load_cifar(args.dataset, args.data_dir)
-    if args.train_subset and args.train_subset > len(train_labels):
-        raise ConfigError(
-            f"--train-subset {args.train_subset} is larger than the {len(train_labels)} training "
-            f"images of {args.dataset}; leave it unset to train on all of them"
-        )
-    if args.train_subset:  # quick runs: the first N training images
-        train_images, train_labels = train_images[: args.train_subset], train_labels[: args.train_subset]
-    test_subset = getattr(args, "test_subset", None)
-    if test_subset and test_subset > len(test_labels):
-        raise ConfigError(f"--test-subset {test_subset} is larger than the {len(test_labels)} test images")
-    if test_subset:  # quick runs (summary.json records it; reports flag it)
-        test_images, test_labels = fixed_sample(test_images, test_labels, test_subset)
+    """Load the dataset named by `args` onto `device` (fields: dataset, data_dir, normalize, train_subset,
+    test_subset, amp; on folder datasets also image_size and workers): CifarData, or StreamData."""
     if args.normalize not in NORMALIZE:
         raise ConfigError(f"unknown --normalize '{args.normalize}'; choose one of: {', '.join(NORMALIZE)}")
     mean, std = NORMALIZE[args.normalize]
+    if args.dataset in FOLDER_DATASETS:
+        return load_folder_data(args, device, mean, std)
+    train_images, train_labels, test_images, test_labels = load_cifar(args.dataset, args.data_dir)
+    check_subsets(args, len(train_labels), len(test_labels))
+    if args.train_subset:  # quick runs: the first N training images
+        train_images, train_labels = train_images[: args.train_subset], train_labels[: args.train_subset]
+    if getattr(args, "test_subset", None):  # quick runs (summary.json records it; reports flag it)
+        test_images, test_labels = fixed_sample(test_images, test_labels, args.test_subset)
     return CifarData(
         train_images.to(device),
         train_labels.to(device),
@@ -261,6 +263,279 @@ def load_data(args, device):
         DATASETS[args.dataset]["num_classes"],
         torch.tensor(mean, device=device).view(1, 3, 1, 1),
         torch.tensor(std, device=device).view(1, 3, 1, 1),
+        channels_last=args.amp,
+    )
+
+
+def check_subsets(args, train_count, test_count):
+    if args.train_subset and args.train_subset > train_count:
+        raise ConfigError(
+            f"--train-subset {args.train_subset} is larger than the {train_count} training "
+            f"images of {args.dataset}; leave it unset to train on all of them"
+        )
+    test_subset = getattr(args, "test_subset", None)
+    if test_subset and test_subset > test_count:
+        raise ConfigError(f"--test-subset {test_subset} is larger than the {test_count} test images")
+
+
+# ---- Beyond CIFAR: ImageNet, Tiny-ImageNet and image folders (README.md, "Data beyond CIFAR") ----
+# Small sets are decoded once, resized to --image-size and kept on the device as uint8, exactly like CIFAR
+# (the same batched crop and flip). ImageNet, and any set whose decoded images would not fit, stream from
+# disk through a DataLoader: the workers decode and augment, the device normalises.
+
+FOLDER_DATASETS = {
+    "imagenet": "DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG (ILSVRC-2012; README.md says how to sort val)",
+    "tiny-imagenet": "tiny-imagenet-200 as distributed: train/<wnid>/images/*.JPEG, val/images/* + val_annotations.txt",
+    "imagefolder": "DIR/train/<class>/* and DIR/val/<class>/*",
+}
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+RESIDENT_LIMIT_BYTES = 4 * 2**30  # decoded uint8 training images above this stream from disk instead
+STREAM_PROGRESS_STEPS = 100  # a streamed epoch prints its progress every this many steps
+
+
+def default_image_size(dataset):
+    """224 on ImageNet (RandomResizedCrop(224), every recipe); 32 elsewhere (CIFAR's zoo, HSAKD's probe)."""
+    return 224 if dataset == "imagenet" else 32
+
+
+def class_folders(folder):
+    """Sorted sub-folder names (torchvision ImageFolder's class order)."""
+    if not Path(folder).is_dir():
+        raise ConfigError(f"{folder} is missing")
+    classes = sorted(entry.name for entry in Path(folder).iterdir() if entry.is_dir())
+    if not classes:
+        raise ConfigError(f"{folder} holds no class folders")
+    return classes
+
+
+def images_in(folder):
+    found = sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ConfigError(
+            f"{folder} is an empty class folder (no {', '.join(IMAGE_SUFFIXES)} files): add images or remove it"
+        )
+    return found
+
+
+def read_folder_lists(dataset, data_dir):
+    """(train paths, train labels, val paths, val labels, class names) of a folder dataset, checked: every
+    class folder holds images, val exists and has the train classes (Tiny-ImageNet: every annotation line
+    names a train class and an existing file)."""
+    root = Path(data_dir)
+    if dataset == "tiny-imagenet":
+        root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+        classes = class_folders(root / "train")
+        train = [
+            (path, label) for label, wnid in enumerate(classes) for path in images_in(root / "train" / wnid / "images")
+        ]
+        val = tiny_imagenet_val(root, {wnid: label for label, wnid in enumerate(classes)})
+    else:
+        if not (root / "val").is_dir():
+            raise ConfigError(f"{root / 'val'} is missing: --dataset {dataset} reads {FOLDER_DATASETS[dataset]}")
+        classes, val_classes = class_folders(root / "train"), class_folders(root / "val")
+        if classes != val_classes:
+            only_train, only_val = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+            raise ConfigError(
+                f"{root / 'train'} and {root / 'val'} have different class folders: only in train: "
+                f"{', '.join(only_train[:5]) or '-'}; only in val: {', '.join(only_val[:5]) or '-'}"
+            )
+        train, val = (
+            [(path, label) for label, name in enumerate(classes) for path in images_in(root / split / name)]
+            for split in ("train", "val")
+        )
+    return (
+        [path for path, _ in train],
+        torch.tensor([label for _, label in train]),
+        [path for path, _ in val],
+        torch.tensor([label for _, label in val]),
+        classes,
+    )
+
+
+def tiny_imagenet_val(root, label_of):
+    """Tiny-ImageNet's val set as distributed: val/images/<file> labelled by val/val_annotations.txt."""
+    annotations = root / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise ConfigError(f"{annotations} is missing (the official tiny-imagenet-200 val/ layout)")
+    val = []
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in label_of:
+            raise ConfigError(
+                f"{annotations} line {number} is not '<file>\\t<wnid of a train class>\\t...': {line[:80]!r}"
+            )
+        path = root / "val" / "images" / fields[0]
+        if not path.is_file():
+            raise ConfigError(f"{annotations} line {number} names {path}, which is missing")
+        val.append((path, label_of[fields[1]]))
+    return val
+
+
+def read_image(path):
+    """An image file as uint8 [3, H, W] RGB (Pillow, as torchvision's ImageFolder reads it); an unreadable or
+    truncated file is a ConfigError naming it."""
+    from PIL import Image, UnidentifiedImageError  # installed with torchvision; CIFAR runs never need it
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ConfigError(f"{path} could not be read as an image ({err}): replace or remove it") from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def resize_square(image, size, resize=None):
+    """Resize(resize or size) of the shorter side (antialiased, as on PIL images), then CenterCrop(size)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if image.shape[-2:] == (size, size) and resize is None:
+        return image  # already square at that size: every pixel kept (CIFAR written as PNG folders)
+    return TF.center_crop(TF.resize(image, [resize or size], antialias=True), [size, size])
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Image files for a DataLoader: item (position, seed) -> (uint8 [3, S, S], label, position). With a
+    seed the image is augmented from its own random stream, so a batch is the same whichever worker made
+    it, and a resumed epoch draws what an uninterrupted one draws. augment: "rrc" (RandomResizedCrop + flip,
+    the ImageNet recipes) or "crop" (resize, then CIFAR's padded crop + flip); test images: Resize + CenterCrop."""
+
+    def __init__(self, paths, labels, size, augment, test_resize=None):
+        self.paths, self.labels, self.size, self.augment, self.test_resize = paths, labels, size, augment, test_resize
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        from torchvision.transforms import v2
+
+        position, seed = item
+        image = read_image(self.paths[position])
+        if seed is None:
+            image = resize_square(image, self.size, self.test_resize)
+        else:
+            with torch.random.fork_rng(devices=[]):  # v2 draws from the global stream: seed it from ours
+                torch.manual_seed(seed)
+                if self.augment == "rrc":
+                    image = v2.RandomResizedCrop(self.size, antialias=True)(image)
+                else:
+                    image = v2.RandomCrop(self.size, padding=self.size // 8)(resize_square(image, self.size))
+                image = v2.RandomHorizontalFlip()(image)
+        return image, self.labels[position], position
+
+
+@dataclasses.dataclass
+class StreamData:
+    """A folder dataset read from disk every epoch: the CifarData interface without the images."""
+
+    train: FolderImages
+    test: FolderImages
+    train_labels: torch.Tensor  # on the device, as CifarData's
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    channels_last: bool = False
+    workers: int = 0
+    normalize = CifarData.normalize
+
+    NO_IMAGES = (
+        "this dataset streams from disk, so its images are not held as uint8 tensors: pass --rotation-pipeline gpu "
+        "to sskd.py (the standard augmentation, then the rotations; torchdistill's order on ImageNet)"
+    )
+
+    @property
+    def train_images(self):
+        raise ConfigError(self.NO_IMAGES)
+
+
+def stream_batches(data, batch_size, generator, augment=True):
+    """train_batches of a StreamData: the same seeded order; each image augmented from (a seed drawn for
+    the epoch + its index); a progress line every STREAM_PROGRESS_STEPS steps with the epoch's ETA."""
+    order = torch.randperm(len(data.train_labels), generator=generator)
+    epoch_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    keys = [(position, epoch_seed + position if augment else None) for position in order.tolist()]
+    loader = torch.utils.data.DataLoader(
+        data.train,
+        batch_sampler=[keys[start : start + batch_size] for start in range(0, len(keys), batch_size)],
+        num_workers=data.workers,
+        pin_memory=data.train_labels.is_cuda,
+    )
+    started, steps = time.time(), len(loader)
+    for step, (images, labels, indices) in enumerate(loader, 1):
+        device = data.train_labels.device
+        yield data.normalize(images.to(device, non_blocking=True)), labels.to(device), indices.to(device)
+        if step % STREAM_PROGRESS_STEPS == 0 and step < steps:
+            seconds = time.time() - started
+            print(
+                f"  step {step}/{steps} | {step * batch_size / seconds:.0f} img/s | epoch eta "
+                f"{format_seconds(seconds * (steps - step) / step)}",
+                flush=True,
+            )
+
+
+def stream_test_batches(data, batch_size):
+    """test_batches of a StreamData: the val images in order, un-augmented."""
+    keys = [(position, None) for position in range(len(data.test_labels))]
+    loader = torch.utils.data.DataLoader(
+        data.test,
+        batch_sampler=[keys[start : start + batch_size] for start in range(0, len(keys), batch_size)],
+        num_workers=data.workers,
+    )
+    for images, labels, _ in loader:
+        yield data.normalize(images.to(data.test_labels.device)), labels.to(data.test_labels.device)
+
+
+def decode_all(images, workers):
+    """Every image of a FolderImages, un-augmented, as one uint8 [N, 3, S, S] tensor (decoded by workers)."""
+    keys = [(position, None) for position in range(len(images))]
+    loader = torch.utils.data.DataLoader(
+        images, batch_sampler=[keys[start : start + 256] for start in range(0, len(keys), 256)], num_workers=workers
+    )
+    started, chunks = time.time(), []
+    for batch, _, _ in loader:
+        chunks.append(batch)
+        if time.time() - started > EVALUATION_PROGRESS_SECONDS and len(chunks) % 40 == 0:
+            print(f"  decoding: {sum(map(len, chunks))}/{len(images)} images", flush=True)
+    return torch.cat(chunks)
+
+
+def load_folder_data(args, device, mean, std):
+    """A folder dataset (FOLDER_DATASETS): checked before anything trains, subsets drawn as fixed samples
+    (folders are sorted by class), then resident on the device if the decoded training images fit in
+    RESIDENT_LIMIT_BYTES (and it is not ImageNet), else streamed."""
+    train_paths, train_labels, val_paths, val_labels, classes = read_folder_lists(args.dataset, args.data_dir)
+    check_subsets(args, len(train_labels), len(val_labels))
+    if args.train_subset:
+        keep = fixed_sample(torch.arange(len(train_labels)), train_labels, args.train_subset)[0]
+        train_paths, train_labels = [train_paths[i] for i in keep], train_labels[keep]
+    if getattr(args, "test_subset", None):
+        keep = fixed_sample(torch.arange(len(val_labels)), val_labels, args.test_subset)[0]
+        val_paths, val_labels = [val_paths[i] for i in keep], val_labels[keep]
+    size = args.image_size or default_image_size(args.dataset)
+    augment = "rrc" if args.dataset == "imagenet" else "crop"
+    test_resize = size * 256 // 224 if args.dataset == "imagenet" else None  # Resize(256) + CenterCrop(224)
+    train = FolderImages(train_paths, train_labels, size, augment)
+    test = FolderImages(val_paths, val_labels, size, augment, test_resize)
+    statistics = [torch.tensor(value, device=device).view(1, 3, 1, 1) for value in (mean, std)]
+    streams = args.dataset == "imagenet" or len(train_paths) * 3 * size * size > RESIDENT_LIMIT_BYTES
+    print(
+        f"{args.dataset}: {len(classes)} classes, {len(train_paths)} training and {len(val_paths)} val images at "
+        f"{size}x{size}, {'streamed from disk' if streams else 'decoded once and kept on the device'}",
+        flush=True,
+    )
+    if streams and getattr(args, "rotation_pipeline", None) == "sskd":  # refused here, before any stage trains
+        raise ConfigError(StreamData.NO_IMAGES)
+    if streams:
+        labels = (train_labels.to(device), val_labels.to(device))
+        return StreamData(train, test, *labels, len(classes), *statistics, args.amp, args.workers)
+    images = [decode_all(part, args.workers).to(device) for part in (train, test)]
+    return CifarData(
+        images[0],
+        train_labels.to(device),
+        images[1],
+        val_labels.to(device),
+        len(classes),
+        *statistics,
         channels_last=args.amp,
     )
 
@@ -285,12 +560,13 @@ def hflip(images, flip):
 
 
 def standard_augment(images, generator):
-    """RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), batched, on the images' device.
-    Random numbers come from a CPU generator so CPU and CUDA runs see the same augmentation."""
-    batch = images.shape[0]
-    top, left = torch.randint(0, 9, (2, batch), generator=generator)  # offsets 0..8 of a 4-pixel padding
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), batched, on the images' device; other sizes
+    S pad by S // 8 likewise. Random numbers come from a CPU generator so CPU and CUDA runs see the same
+    augmentation."""
+    batch, padding = images.shape[0], images.shape[-1] // 8
+    top, left = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator)  # offsets of the padding
     flip = torch.rand(batch, generator=generator) < 0.5
-    return hflip(crop(images, top, left, padding=4), flip)
+    return hflip(crop(images, top, left, padding=padding), flip)
 
 
 def epoch_generator(seed, epoch):
@@ -302,6 +578,9 @@ def epoch_generator(seed, epoch):
 def train_batches(data, batch_size, generator, augment=True):
     """One epoch of shuffled training batches (drop_last=False, as every official loader).
     Yields (images [B, 3, 32, 32] normalised float, labels [B], sample indices [B])."""
+    if isinstance(data, StreamData):
+        yield from stream_batches(data, batch_size, generator, augment)
+        return
     num_images = len(data.train_labels)
     order = torch.randperm(num_images, generator=generator).to(data.train_labels.device)
     for start in range(0, num_images, batch_size):
@@ -319,6 +598,9 @@ def test_batches(data, batch_size):
     """The un-augmented test set in order, the counterpart of `train_batches`.
     Yields (images [B, 3, 32, 32] normalised float, labels [B]). An evaluation that takes longer than
     EVALUATION_PROGRESS_SECONDS prints how many test images it has seen, every that many seconds."""
+    if isinstance(data, StreamData):
+        yield from stream_test_batches(data, batch_size)
+        return
     total = len(data.test_labels)
     started = shown = time.time()
     for start in range(0, total, batch_size):
@@ -858,6 +1140,30 @@ class PreActResNet18(nn.Module):
         return _classify(torch.flatten(F.avg_pool2d(x, 4), 1), feats, self.linear, is_feat)  # 4x4 final map
 
 
+# ---- torchvision's ImageNet ResNets: resnet18/34/50_imagenet ----
+
+
+class ImageNetResNet(nn.Module):
+    """torchvision's ResNet-18/34/50 (`torchvision.models.resnet{depth}`): its modules under its names, so its
+    weight files (resnet34-333f7ec4.pth ...) and HSAKD's ImageNet backbones load with strict=True; the zoo's
+    forward(x, is_feat) with feats = [stem, layer1..layer4, pooled]. Any input size (224 on ImageNet)."""
+
+    def __init__(self, depth, num_classes):
+        super().__init__()
+        import torchvision  # lazily: CIFAR runs never need it
+
+        net = getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes)
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc"):
+            setattr(self, name, getattr(net, name))
+        self.block = type(net.layer1[0])
+        self.feat_dim = net.fc.in_features
+
+    def forward(self, x, is_feat=False):
+        stem = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x, feats = _run_stages(stem, (self.layer1, self.layer2, self.layer3, self.layer4))
+        return _classify(global_average(x), feats, self.fc, is_feat)
+
+
 # ---- Registry: RepDistiller `models/__init__.py` names ----
 
 _SMALL_RESNET_WIDTHS = (16, 16, 32, 64)
@@ -884,6 +1190,11 @@ _ZOO = {
     # Extra backbones of HSAKD and PS-KD, after the RepDistiller names
     "MobileNetV2_hsakd": MobileNetV2HSAKD,
     "PreActResNet18": PreActResNet18,
+    # torchvision's ImageNet ResNets, named so they cannot be mistaken for the CIFAR ones
+    **{
+        f"resnet{depth}_imagenet": (lambda num_classes, depth=depth: ImageNetResNet(depth, num_classes))
+        for depth in (18, 34, 50)
+    },
 }
 MODEL_NAMES = tuple(_ZOO)
 
@@ -963,6 +1274,34 @@ def _resnet50_branches(net, num_outputs):
         nn.Sequential(stage(2048, layer4, 1)),
     ]
     return (1, 2, 3, 4), AuxiliaryClassifier(extractors, 2048, num_outputs)
+
+
+def _imagenet_resnet_branches(net, num_outputs):
+    """HSAKD's `Auxiliary_Classifier` of models/resnet_imagenet.py, inputs layer1..layer4: branch l = fresh
+    copies of layer l+1..4 (torchvision's blocks, its downsample rule), branch 4 one more layer4 at stride 1."""
+    block, expansion = net.block, net.block.expansion
+
+    def stage(in_planes, planes, layer, stride):
+        downsample = None
+        if stride != 1 or in_planes != planes * expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes * expansion, 1, stride, bias=False), nn.BatchNorm2d(planes * expansion)
+            )
+        blocks = [block(in_planes, planes, stride, downsample)]
+        return nn.Sequential(*blocks, *(block(planes * expansion, planes) for _ in range(len(layer) - 1)))
+
+    widths = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+    extractors = [
+        nn.Sequential(
+            stage(widths[0], 128, net.layer2, 2),
+            stage(widths[1], 256, net.layer3, 2),
+            stage(widths[2], 512, net.layer4, 2),
+        ),
+        nn.Sequential(stage(widths[1], 256, net.layer3, 2), stage(widths[2], 512, net.layer4, 2)),
+        nn.Sequential(stage(widths[2], 512, net.layer4, 2)),
+        nn.Sequential(stage(widths[3], 512, net.layer4, 1)),
+    ]
+    return (1, 2, 3, 4), AuxiliaryClassifier(extractors, widths[3], num_outputs)
 
 
 def _wrn_branches(net, num_outputs):
@@ -1078,6 +1417,7 @@ _AUXILIARY_FAMILIES = (
     (ShuffleV1, _shufflev1_branches, "he_fc0"),
     (MobileNetV2, _mobilenetv2_branches, "he_fc001"),
     (ResNet50, _resnet50_branches, "he"),
+    (ImageNetResNet, _imagenet_resnet_branches, "he"),
     (VGG, _vgg_branches, "default"),
     (ShuffleV2, _shufflev2_branches, "default"),
 )
@@ -1443,11 +1783,11 @@ def _flag(name):
 FIELD_RANGES = {
     "at least 1": (
         *("epochs", "batch_size", "eval_batch_size", "train_subset", "test_subset", "branches"),
-        *("ce_teacher_epochs", "t_epochs", "teacher_epochs"),
+        *("ce_teacher_epochs", "t_epochs", "teacher_epochs", "image_size"),
     ),
     "positive": (*("learning_rate", "t_lr", "teacher_lr", "lr_gamma"), *("kd_T", "tf_T", "ss_T", "head_T", "sad_tau")),
     "0 or more": (
-        *("warmup_epochs", "weight_decay", "ce_weight", "kd_weight", "tf_weight", "ss_weight"),
+        *("warmup_epochs", "weight_decay", "ce_weight", "kd_weight", "tf_weight", "ss_weight", "workers"),
         *("kl_p_weight", "kl_q_weight", "student_aux_ce_weight", "lambda_sad", "lambda_kl", "lambda_feat"),
     ),
     "in [0, 1)": ("momentum",),
@@ -1492,6 +1832,19 @@ def check_common_args(args):
             problems.append(f"--train-subset {value} must be a positive number of images (leave it unset for all)")
         elif problem := _range_problem(name, value):
             problems.append(problem)
+    size = values.get("image_size") or default_image_size(values.get("dataset"))
+    for name in ("teacher", "student", "model"):
+        arch = values.get(name)
+        if values.get("dataset") in FOLDER_DATASETS and arch in _ZOO and not arch.endswith("_imagenet") and size != 32:
+            problems.append(
+                f"{_flag(name)} {arch} is a CIFAR network (32x32 inputs) but images are {size}x{size}: pass "
+                f"--image-size 32, or a torchvision network (resnet18_imagenet, resnet34_imagenet, resnet50_imagenet)"
+            )
+    if values.get("teacher_sha256") is not None:
+        if not values.get("teacher_path"):
+            problems.append("--teacher-sha256 checks the file of --teacher-path: give that too")
+        elif not re.fullmatch(r"[0-9a-fA-F]{8,64}", values["teacher_sha256"]):
+            problems.append(f"--teacher-sha256 {values['teacher_sha256']}: give 8 to 64 hex digits of the sha256")
     for name in ("output_dir", "checkpoint_dir"):
         if name in values and (problem := _unwritable(Path(values[name]))):
             problems.append(f"{_flag(name)} {values[name]}: {problem}")
@@ -1939,7 +2292,10 @@ def write_summary(run_dir, args, best, last, method, **extra):
 def load_teacher(args, data, device):
     """The teacher for distillation, in eval mode and frozen, with its test accuracy printed.
     Uses --teacher-path, else the cached checkpoint, else trains one with baseline.py first."""
-    path = cached_stage(args.teacher_path, teacher_cache_path(args), lambda cache: train_teacher(args, cache))
+    train = lambda cache: train_teacher(args, cache)
+    path = cached_stage(
+        args.teacher_path, teacher_cache_path(args), train, sha256=getattr(args, "teacher_sha256", None)
+    )
     remedy = None if args.teacher_path else "It is a cached teacher: delete it and rerun to train it again."
     checkpoint = load_checkpoint(path, "teacher checkpoint", remedy)
     teacher = model_from_checkpoint(args.teacher, data.num_classes, checkpoint, str(path))  # architecture, classes
@@ -2028,6 +2384,9 @@ def train_teacher(args, cache_path):
         command.append("--resume")
     if args.train_subset:
         command += ["--train-subset", str(args.train_subset)]
+    if args.dataset in FOLDER_DATASETS:
+        size = args.image_size or default_image_size(args.dataset)
+        command += ["--image-size", str(size), "--workers", str(args.workers)]
     if args.device:
         command += ["--device", args.device]
     print(
@@ -2060,15 +2419,16 @@ def die_with_parent(parent_pid):
     return set_death_signal
 
 
-def cached_stage(given_path, cache_path, train, seed=None):
+def cached_stage(given_path, cache_path, train, seed=None, sha256=None):
     """The rule of every stage a student needs first (the CE teacher, SSKD's teacher head, HSAKD's stage 1):
     the file the user gave, else the cached file, else `train(cache_path)` writes it. Training runs under
     `cache_lock`, so concurrent runs that need the same stage train it once. With `seed`, training draws
     from its own random stream seeded with it, and the caller's stream is left as it was: the stage is the
     same for every student seed, and the student the same whether the stage was trained, cached or given.
-    Returns the file to load."""
+    `sha256` (hex digits) is what the given file must hash to. Returns the file to load."""
     if given_path:
-        return fetch_checkpoint(given_path, Path(cache_path).parent if cache_path else Path("checkpoints"))
+        folder = Path(cache_path).parent if cache_path else Path("checkpoints")
+        return fetch_checkpoint(given_path, folder, sha256)
     with cache_lock(cache_path):
         if not Path(cache_path).exists():
             with torch.random.fork_rng(devices=[], enabled=seed is not None):
@@ -2216,18 +2576,25 @@ def expected_sha256(url, file_name):
     return found.group(1) if found else None
 
 
-def fetch_checkpoint(spec, folder):
+def fetch_checkpoint(spec, folder, sha256=None):
     """A local file for a checkpoint argument. A path is returned as it is; a short name (KNOWN_CHECKPOINTS)
     or an http(s):// or file:// URL is downloaded once into <folder>/downloads/ with a progress bar, to a
     temporary file renamed only when complete and verified (expected_sha256), so a partial or wrong
-    download is never used. A file downloaded earlier is verified again and reused."""
+    download is never used. A file downloaded earlier is verified again and reused. `sha256` (leading hex
+    digits of the file's sha256, e.g. --teacher-sha256) overrides the URL's and is checked on a local path too."""
     spec = KNOWN_CHECKPOINTS.get(str(spec), str(spec))
+    sha256 = sha256.lower() if sha256 else None
     if not spec.startswith(URL_SCHEMES):
+        if sha256 and Path(spec).is_file() and not _sha256(spec).startswith(sha256):
+            raise ConfigError(
+                f"{spec} has sha256 {_sha256(spec)}, which does not start with the --teacher-sha256 {sha256} "
+                f"you gave: it is not the file you meant (nothing was loaded from it)"
+            )
         return Path(spec)
     url = spec.partition("#")[0]
     file_name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "checkpoint.pth"
     target = Path(folder) / "downloads" / file_name
-    expected = expected_sha256(spec, file_name)
+    expected = sha256 or expected_sha256(spec, file_name)
     if target.exists():
         if expected is None or _sha256(target).startswith(expected):
             return target

@@ -34,7 +34,7 @@ class Args:
     dataset: Literal["cifar100", "cifar10"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
+    """folder holding the dataset (CIFAR is downloaded into it if missing; layouts: README.md, Data)"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -84,8 +84,8 @@ class Args:
     """Nesterov momentum"""
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
+    normalize: Optional[common.NormalizeName] = None
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""
     # CSS
     kd_T: float = 3.0
     """softmax temperature T of the distillation KL"""
@@ -341,7 +341,7 @@ if __name__ == "__main__":
                 logits_t = net_t(images, masks).float()  # [B, C*n_b, n_b]
                 logits_s = net_s(images, masks).float()
             loss, terms = css_loss(logits_t, logits_s, labels, args.kd_T, args.detach_kd_target, args.detach_ratio)
-            if not args.distill:  # the CE-only baseline: the two networks no longer interact
+            if not args.distill:  # the CE-only baseline: the networks do not interact
                 loss = terms["ce_t"] + terms["ce_s"]
             optimizer_t.zero_grad(set_to_none=True)
             optimizer_s.zero_grad(set_to_none=True)

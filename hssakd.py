@@ -35,10 +35,14 @@ METHOD_NAME = "hssakd"  # in run folder names, the config line and summary.json
 @dataclass
 class Args:
     # Run
-    dataset: Literal["cifar100", "cifar10"] = "cifar100"
+    dataset: Literal["cifar100", "cifar10", "imagenet", "tiny-imagenet", "imagefolder"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
+    """folder holding the dataset (CIFAR is downloaded into it if missing; layouts: README.md, Data)"""
+    image_size: Optional[int] = None
+    """image folders: image side; unset: 224 on imagenet, else 32"""
+    workers: int = 4
+    """image folders: DataLoader decoding processes"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -86,13 +90,15 @@ class Args:
     """Nesterov momentum"""
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
+    normalize: Optional[common.NormalizeName] = None
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""
     # Teacher
     teacher: str = "resnet32x4"
     """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
     """teacher checkpoint (formats: README.md); unset: cached, trained by baseline.py if missing"""
+    teacher_sha256: Optional[str] = None
+    """sha256 (hex, or its first 8+ digits) the --teacher-path file or URL must have"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240
@@ -115,8 +121,8 @@ class Args:
     student_aux_ce_weight: float = 0.0
     """ablation only: CE of the student's branches on the joint labels (not in HSAKD)"""
     teacher_mode: Literal["frozen", "joint"] = "frozen"
-    """stage 1: train branches on the frozen CE teacher ("HSAKD"), or train teacher and branches
-    together from scratch ("HSAKD*"); the Teacher group's fields serve frozen mode"""
+    """stage 1: branches on the frozen CE teacher ("HSAKD"), or teacher and branches from
+    scratch ("HSAKD*"); the Teacher fields serve frozen mode"""
     teacher_aux_path: Optional[str] = None
     """a trained teacher with auxiliary classifiers (ours or HSAKD's "net" file); skips stage 1"""
     teacher_epochs: Optional[int] = None
@@ -132,9 +138,8 @@ class Args:
 
 
 def teacher_loss(logits, aux_logits, labels, joint_labels):
-    """Stage 1 (IJCAI Eq. 1, weights 1): CE of the final classifier on the upright rows (0::4)
-    plus, for every branch, CE on the joint labels 4y + k over all 4B rows. logits [4B, C],
-    aux [4B, 4C]."""
+    """Stage 1 (IJCAI Eq. 1, weights 1): CE of the final classifier on the upright rows (0::4) plus,
+    per branch, CE on the joint labels 4y + k over all 4B rows. logits [4B, C], aux [4B, 4C]."""
     ce = F.cross_entropy(logits[0::4], labels)
     aux_ce = sum(F.cross_entropy(branch, joint_labels) for branch in aux_logits)
     return {"ce": ce, "aux_ce": aux_ce, "total": ce + aux_ce}
@@ -151,9 +156,8 @@ def kd_loss(student_logits, teacher_logits, temperature):
 
 
 def student_loss(logits, aux_logits, teacher_logits, teacher_aux_logits, labels, joint_labels, args):
-    """Stage 2 (IJCAI Eqs. 2-5), on fp32 logits: CE on the upright rows + kl_q (sum over
-    branches of the 4C-way KL) + kl_p (the final classifiers' KL), both KLs over all 4B
-    rows. Returns every term and the total."""
+    """Stage 2 (IJCAI Eqs. 2-5), fp32 logits: CE on the upright rows + kl_q (the branches' 4C-way KLs,
+    summed) + kl_p (the final classifiers' KL), both KLs over all 4B rows. Every term and the total."""
     terms = {"ce": F.cross_entropy(logits[0::4], labels)}  # logits [4B, C], upright rows 0::4
     branch_kls = [kd_loss(*pair, args.kd_T) for pair in zip(aux_logits, teacher_aux_logits)]  # [4B, 4C]
     terms.update({f"kl_q_{branch}": kl for branch, kl in enumerate(branch_kls, 1)})
@@ -176,9 +180,8 @@ def check_pair(teacher_arch, student_arch):
     teacher_branches, student_branches = map(common.auxiliary_branch_count, (teacher_arch, student_arch))
     if teacher_branches != student_branches:
         raise common.ConfigError(
-            f"{teacher_arch} has {teacher_branches} auxiliary classifiers but {student_arch} has {student_branches}; "
-            f"HSAKD distils branch l into branch l, so pick a pair with the same number: 3 for CIFAR ResNets, WRNs, "
-            f"ShuffleV1, ShuffleV2; 4 for VGGs, MobileNetV2, ResNet50"
+            f"{teacher_arch} has {teacher_branches} auxiliary branches, {student_arch} {student_branches}; HSAKD "
+            f"distils branch l into branch l: pick two with the same number (4: VGGs, MobileNetV2, *ResNet50*)"
         )
 
 
@@ -189,7 +192,6 @@ def stage1_recipe(args):
     return epochs, args.teacher_milestones or ((30, 60, 90) if frozen else (150, 180, 210))
 
 
-# What stage 1 depends on besides the CE teacher file (the cache name carries their digest).
 STAGE1_ADVICE = "Lower --teacher-lr or turn off --amp, then rerun."
 STAGE1_RECIPE = ("teacher_mode", "dataset", "normalize", "train_subset", "batch_size", "teacher_lr", "lr_gamma")
 STAGE1_RECIPE += ("momentum", "nesterov", "weight_decay", "teacher_seed", "amp")
@@ -207,11 +209,9 @@ def stage1_cache_path(args, ce_file):
 
 
 def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
-    """Stage 1: CE on joint labels for the teacher's branches (frozen: on the CE teacher, whose
-    backbone stays in eval mode with detached stage outputs; joint: everything from
-    scratch). Runs in runs/teacher_<cache name>_<dataset>, resuming there after an
-    interruption, then publishes its last epoch to `cache_path` and its best beside it
-    (<cache name>_best.pth)."""
+    """Stage 1: CE on joint labels for the teacher's branches (frozen: on the CE teacher, backbone in eval
+    mode, stage outputs detached; joint: all from scratch). Runs in runs/teacher_<cache name>_<dataset>,
+    resuming there, then publishes its last epoch to `cache_path`, its best as <name>_best.pth."""
     frozen = args.teacher_mode == "frozen"
     epochs, milestones = stage1_recipe(args)
     print(f"stage 1: training the {args.teacher_mode} teacher's branches ({epochs} epochs)", flush=True)
@@ -255,7 +255,7 @@ def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
         images_per_s = len(data.train_labels) / (time.time() - epoch_start)
         result = common.evaluate(model.backbone, data, args.eval_batch_size, args.amp)
         branches = common.auxiliary_accuracy(model, data, args.eval_batch_size, args.amp)
-        if max(branches["ss_top1"]) > best_ss:  # HSAKD keeps <arch>_best.pth by the best branch
+        if max(branches["ss_top1"]) > best_ss:  # HSAKD's <arch>_best.pth: the best branch
             best_ss = max(branches["ss_top1"])
             best = {**result, "epoch": epoch, "ss_top1": best_ss}
             best_weights = common.model_payload(model, epoch + 1, result, args)
@@ -270,7 +270,7 @@ def train_stage1(cache_path, args, data, device, ce_teacher, ce_file):
     provenance = {"teacher_mode": args.teacher_mode, "ce_teacher": str(ce_file) if ce_file else None}
     best_cache = cache_path.with_name(cache_path.stem + "_best.pth")
     common.publish_stage(run_dir / "best.pth", best_cache, "stage 1's best checkpoint", **provenance)
-    common.publish_stage(run_dir / "last.pth", cache_path, "stage 1's last.pth", **provenance)  # last: marks it done
+    common.publish_stage(run_dir / "last.pth", cache_path, "stage 1's last.pth", **provenance)  # last: it is done
 
 
 def prepare_teacher(args, data, device):
@@ -307,7 +307,7 @@ if __name__ == "__main__":
     args.normalize = args.normalize or common.default_normalize(args.dataset, "repdistiller")
     common.check_architectures(args.teacher, args.student)
     common.print_config(args, METHOD_NAME)
-    # --- METHOD: both networks need as many auxiliary classifiers: checked before any work ---
+    # --- METHOD: both networks need as many branches, checked before any work ---
     check_pair(args.teacher, args.student)
     # --- END METHOD ---
     common.seed_everything(args.seed, args.torch_deterministic)
@@ -326,8 +326,8 @@ if __name__ == "__main__":
         f"top5 {teacher_result['top5']:.2f}; branch {4 * data.num_classes}-way top1 {branch_top1}",
         flush=True,
     )
-    # The student is the backbone (evaluated, saved and reported as in kd.py). Its fresh branches
-    # train, save and resume with it, and stay in train mode (evaluation is the backbone's).
+    # The student is the backbone (evaluated, saved, reported as in kd.py); its branches train,
+    # save and resume with it, and stay in train mode (evaluation is the backbone's).
     student_with_branches = common.build_auxiliary_model(args.student, data.num_classes)
     student_with_branches = common.prepare_model(student_with_branches, device, args.amp)
     student = student_with_branches.backbone
@@ -350,8 +350,8 @@ if __name__ == "__main__":
             rotated = common.rotations(images)  # [4B, 3, H, W]
             joint_labels = common.rotation_joint_labels(labels)  # [4B]: 4y + k
             with common.autocast(device, args.amp):
-                # Logits [4B, C] and, per branch l, [4B, 4C]: branch l (a fresh copy of the later
-                # stages, then its own classifier) runs on stage l's output, and trains the backbone.
+                # Logits [4B, C]; branch l [4B, 4C] (fresh copies of the later stages, a classifier)
+                # runs on stage l's output and trains the backbone.
                 student_aux, student_logits = student_with_branches(rotated)
                 student_aux = [branch.float() for branch in student_aux]
                 student_logits = student_logits.float()

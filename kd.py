@@ -30,10 +30,14 @@ METHOD_NAME = "kd"  # in run folder names, the config line and summary.json
 @dataclass
 class Args:
     # Run
-    dataset: Literal["cifar100", "cifar10"] = "cifar100"
+    dataset: Literal["cifar100", "cifar10", "imagenet", "tiny-imagenet", "imagefolder"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
+    """folder holding the dataset (CIFAR is downloaded into it if missing; layouts: README.md, Data)"""
+    image_size: Optional[int] = None
+    """image folders: image side; unset: 224 on imagenet, else 32"""
+    workers: int = 4
+    """image folders: DataLoader decoding processes"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -81,13 +85,15 @@ class Args:
     """Nesterov momentum"""
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
+    normalize: Optional[common.NormalizeName] = None
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""
     # Teacher
     teacher: str = "resnet32x4"
     """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
     """teacher checkpoint (formats: README.md); unset: cached, trained by baseline.py if missing"""
+    teacher_sha256: Optional[str] = None
+    """sha256 (hex, or its first 8+ digits) the --teacher-path file or URL must have"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240

@@ -3,12 +3,11 @@
 Paper: G. Xu, Z. Liu, X. Li, C. C. Loy, ECCV 2020, https://arxiv.org/abs/2006.07114. Reference code:
 xuguodong03/SSKD@661b972 (`student.py`, `wrapper.py`, `cifar.py`; docs/sskd.md).
 
-Every training image comes in four copies, rotated by 0, 90, 180 and 270 degrees. Teacher and student each get a
-projection head on their pooled feature; a rotated copy should be most similar (cosine) to its own upright copy among
-the batch's. One command runs three stages: kd.py's CE teacher, 60 epochs that train only the teacher's head on that
-task, then the student, which learns the labels, the teacher's softened class distribution on the upright (KD) and
-rotated ("tf") copies and its similarity distribution ("ss"), less the rotated rows the teacher errs worst on
-("selective transfer"). Compared with kd.py: four copies, two heads, stage 2, sskd_loss.
+Every training image comes in four copies, rotated by 0, 90, 180 and 270 degrees; teacher and student each get a
+projection head, and a rotated copy should be most similar (cosine) to its own upright copy. Stages: kd.py's CE
+teacher; 60 epochs training the teacher's head alone; the student, on the labels, the teacher's softened classes on
+upright (KD) and rotated ("tf") copies and its similarity distribution ("ss"), less the rotated rows the teacher errs
+worst on ("selective transfer"). Compared with kd.py: four copies, two heads, stage 2, sskd_loss.
 
 Run: python sskd.py --teacher resnet32x4 --student resnet8x4
 """
@@ -29,10 +28,14 @@ METHOD_NAME = "sskd"  # in run folder names, the config line and summary.json
 @dataclass
 class Args:
     # Run
-    dataset: Literal["cifar100", "cifar10"] = "cifar100"
+    dataset: Literal["cifar100", "cifar10", "imagenet", "tiny-imagenet", "imagefolder"] = "cifar100"
     """dataset to train on"""
     data_dir: str = "data"
-    """folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded if missing)"""
+    """folder holding the dataset (CIFAR is downloaded into it if missing; layouts: README.md, Data)"""
+    image_size: Optional[int] = None
+    """image folders: image side; unset: 224 on imagenet, else 32"""
+    workers: int = 4
+    """image folders: DataLoader decoding processes"""
     seed: int = 1
     """seed of python, numpy, torch and of the data order and augmentation"""
     torch_deterministic: bool = True
@@ -80,13 +83,15 @@ class Args:
     """Nesterov momentum"""
     weight_decay: float = 5e-4
     """SGD weight decay, on every trained parameter"""
-    normalize: Optional[Literal["repdistiller", "sskd", "cifar10"]] = None
-    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100"""
+    normalize: Optional[common.NormalizeName] = None
+    """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""
     # Teacher
     teacher: str = "resnet32x4"
     """zoo architecture of the teacher"""
     teacher_path: Optional[str] = None
     """teacher checkpoint (formats: README.md); unset: cached, trained by baseline.py if missing"""
+    teacher_sha256: Optional[str] = None
+    """sha256 (hex, or its first 8+ digits) the --teacher-path file or URL must have"""
     checkpoint_dir: str = "checkpoints"
     """where trained teachers and teacher stages are cached"""
     ce_teacher_epochs: int = 240
@@ -136,9 +141,8 @@ class Args:
 
 
 def sskd_batches(data, args, generator):
-    """Four copies per image, row 4i+k = image i rotated by k*90 degrees: (normalised [4B, 3, 32, 32],
-    labels [B], indices [B]). sskd (cifar.py): a flip per image, its 4 rotations, RandomCrop(32, 4) per
-    copy; gpu: the standard crop and flip, shared by the copies, then the rotations (HSAKD's order)."""
+    """Four copies per image, row 4i+k = image i rotated k*90 degrees: (normalised [4B, 3, H, W], labels, indices).
+    sskd (cifar.py): a flip per image, its 4 rotations, RandomCrop(32, 4) per copy; gpu: crop+flip, then rotate."""
     gpu_pipeline = args.rotation_pipeline == "gpu"
     for images, labels, indices in common.train_batches(data, args.batch_size, generator, augment=gpu_pipeline):
         if gpu_pipeline:
@@ -159,8 +163,7 @@ def split_rotations(rows):
 
 
 def projection_head(feat_dim):
-    """SSKD's proj_head (wrapper.py): Linear(d, d) - ReLU - Linear(d, d) on the pooled feature, PyTorch's
-    init; keys 0.* and 2.* are SSKD's `proj_head.*`."""
+    """SSKD's proj_head (wrapper.py): Linear(d, d) - ReLU - Linear(d, d), PyTorch's init; keys = `proj_head.*`."""
     return nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(inplace=True), nn.Linear(feat_dim, feat_dim))
 
 
@@ -239,8 +242,7 @@ def ss_top1(model, head, data, batch_size, amp):
 
 
 def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
-    """Stage 2 (student.py, first loop): a fresh head on the frozen teacher (eval, no_grad: bb_grad=False),
-    CE of cosines / head_T against each rotated row's upright image; saved with its test ss top-1."""
+    """Stage 2 (student.py's first loop): a fresh head on the frozen teacher, CE of cosines / head_T per rotated row."""
     print(f"no teacher head at {cache_path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
     head = projection_head(teacher.feat_dim).to(data.test_labels.device)
     optimizer = common.make_sgd(head.parameters(), args.t_lr, args)
@@ -273,8 +275,7 @@ def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
         common.print_epoch(epoch, args.t_epochs, metrics, epoch_start, stage="head epoch")
     recipe = {name: getattr(args, name) for name in HEAD_RECIPE}
     payload = {"head": head.state_dict(), "arch": args.teacher, "feat_dim": teacher.feat_dim, "recipe": recipe}
-    payload.update(teacher_file=str(teacher_file), test_ss_top1=test_ss)
-    common.save_checkpoint(cache_path, payload)
+    common.save_checkpoint(cache_path, payload | {"teacher_file": str(teacher_file), "test_ss_top1": test_ss})
 
 
 HEAD_ADVICE = "Lower --t-lr or turn off --amp, then rerun."  # the head's stage has no --resume
@@ -361,8 +362,7 @@ if __name__ == "__main__":
             losses, kept = sskd_loss(
                 student_logits, teacher_logits, student_similarity, teacher_similarity, labels, args
             )
-            loss_ce = losses["ce"]
-            loss = losses["total"]
+            loss_ce, loss = losses["ce"], losses["total"]
             # --- END METHOD ---
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -49,6 +49,22 @@ def test_a_checksum_mismatch_is_one_error_and_leaves_no_file(tmp_path):
     )
 
 
+def test_teacher_sha256_checks_a_url_and_a_local_file_and_needs_a_teacher_path(tmp_path, cifar_dir):
+    source, digest = saved_model(tmp_path / "server", "teacher")
+    with pytest.raises(common.ConfigError, match="does not match its expected sha256"):
+        common.fetch_checkpoint(source.as_uri(), tmp_path / "ckpt", sha256="1" * 16)  # overrides the name's
+    assert list((tmp_path / "ckpt" / "downloads").iterdir()) == []
+    assert common.fetch_checkpoint(source, tmp_path / "ckpt", sha256=digest[:12].upper()) == source
+    with pytest.raises(common.ConfigError, match="does not start with the --teacher-sha256 0000000000"):
+        common.fetch_checkpoint(source, tmp_path / "ckpt", sha256="0" * 10)
+    flags = ["--dataset", "cifar100", "--data-dir", cifar_dir, "--teacher", "resnet8", "--student", "resnet8"]
+    alone = run_script("kd.py", *flags, "--teacher-sha256", digest, cwd=tmp_path)
+    assert alone.returncode == 2 and "--teacher-sha256 checks the file of --teacher-path: give that too" in alone.stderr
+    wrong = run_script("kd.py", *flags, "--teacher-path", source, "--teacher-sha256", "f" * 8, cwd=tmp_path)
+    assert wrong.returncode != 0 and "not the file you meant" in wrong.stderr
+    assert not list((tmp_path / "runs").glob("*/last.pth"))  # stopped before any training
+
+
 def test_an_interrupted_download_is_never_used(tmp_path, monkeypatch):
     source, _ = saved_model(tmp_path / "server")
     real_urlopen = torch.hub.urlopen

@@ -31,6 +31,11 @@ AUX_REFERENCE = {
     "ResNet50": "ResNet50_aux",
     "resnet110": "resnet110_aux",
     "resnet32": "resnet32_aux",
+    # winycg/HSAKD@28c8dc2 models/resnet_imagenet.py `resnet{18,34,50}_imagenet_aux`: their outputs with our
+    # weights copied in were identical (0.0 difference, 64 px input) when the reference maps were recorded
+    "resnet18_imagenet": "resnet18_imagenet_aux",
+    "resnet34_imagenet": "resnet34_imagenet_aux",
+    "resnet50_imagenet": "resnet50_imagenet_aux",
 }
 
 # parameters per auxiliary branch 1 ... L of the official models
@@ -202,6 +207,22 @@ def test_auxiliary_model_parameters_and_keys_equal_hsakd_reference(name):
     assert ours == reference["state_dict"]
 
 
+@pytest.mark.parametrize("depth", [18, 50])
+def test_imagenet_backbones_load_torchvision_weights_and_give_its_outputs(depth):
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, f"resnet{depth}")(num_classes=10).eval()
+    ours = common.build_model(f"resnet{depth}_imagenet", 10).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)  # torchvision's own keys, nothing else
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats, logits = ours(images, is_feat=True)
+        assert torch.equal(logits, reference(images)) and feats[-1].shape == (2, ours.feat_dim)
+    assert [feat.shape[1] for feat in feats[1:5]] == [64 * k * ours.block.expansion for k in (1, 2, 4, 8)]
+
+
 @pytest.mark.parametrize("name", BRANCH_PARAMS)
 def test_each_branch_has_the_official_parameter_count(name):
     classifier = meta_aux(name).auxiliary_classifier
@@ -291,7 +312,7 @@ def test_mobilenetv2_hsakd_has_a_stride1_stem_and_loads_hsakd_classifier_keys():
 def test_pairs_with_different_branch_counts_are_refused():
     check_pair("resnet56", "resnet20")
     check_pair("vgg13", "MobileNetV2")
-    with pytest.raises(common.ConfigError, match="4 auxiliary classifiers but resnet20 has 3"):
+    with pytest.raises(common.ConfigError, match="4 auxiliary branches, resnet20 3"):
         check_pair("vgg13", "resnet20")
     with pytest.raises(common.ConfigError, match="unknown architecture"):
         check_pair("resnet56", "resnet21")
@@ -442,5 +463,5 @@ def test_joint_mode_trains_teacher_from_scratch_and_resume_is_exact(tmp_path, ci
 def test_mismatched_pair_fails_with_a_clear_message(tmp_path, cifar_dir):
     result = run_script("hssakd.py", "--data-dir", cifar_dir, "--teacher", "vgg8", "--student", "resnet8", cwd=tmp_path)
     assert result.returncode != 0
-    assert "error: vgg8 has 4 auxiliary classifiers but resnet8 has 3" in result.stderr
+    assert "error: vgg8 has 4 auxiliary branches, resnet8 3" in result.stderr
     assert "Traceback" not in result.stderr

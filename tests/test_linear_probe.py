@@ -83,8 +83,8 @@ def test_tiny_imagenet_is_read_as_distributed_and_bad_annotations_are_named(tmp_
     (root / "val" / "images").mkdir(parents=True)
     write_png(torch.zeros(3, 64, 64, dtype=torch.uint8), str(root / "val" / "images" / "val_0.png"))
     (root / "val" / "val_annotations.txt").write_text("val_0.png\tn02\t0\t0\t63\t63\n")
-    train_images, train_labels, val_images, val_labels, classes = linear_probe.read_tiny_imagenet(tmp_path)
+    train_images, train_labels, val_images, val_labels, classes = linear_probe.read_folders("tiny-imagenet")(tmp_path)
     assert classes == 2 and train_labels.tolist() == [0, 1] and val_labels.tolist() == [1]
     (root / "val" / "val_annotations.txt").write_text("val_0.png\tn99\n")
     with pytest.raises(common.ConfigError, match="line 1"):
-        linear_probe.read_tiny_imagenet(tmp_path)
+        linear_probe.read_folders("tiny-imagenet")(tmp_path)

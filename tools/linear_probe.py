@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,7 +36,6 @@ PROBE_NORMALIZE = {
     "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 @dataclass
@@ -109,72 +107,20 @@ def read_stl10(folder):
     return (*read("train"), *read("test"), 10)
 
 
-def read_image(path):
-    """An image file as uint8 [3, H, W] RGB (Pillow, which torchvision installs)."""
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as err:
-        raise common.ConfigError(f"{path} could not be read as an image ({err})") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+def read_folders(dataset):
+    """A common.read_folder_lists reader (the checked layouts the method files read): decoded whole images."""
 
+    def read(folder):
+        train_paths, train_labels, val_paths, val_labels, classes = common.read_folder_lists(dataset, folder)
+        images = [[common.read_image(path) for path in paths] for paths in (train_paths, val_paths)]
+        return images[0], train_labels, images[1], val_labels, len(classes)
 
-def class_folders(folder):
-    classes = sorted(entry.name for entry in Path(folder).iterdir() if entry.is_dir())
-    if not classes:
-        raise common.ConfigError(f"{folder} holds no class folders")
-    return classes
-
-
-def images_in(folder):
-    found = sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise common.ConfigError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return found
-
-
-def read_imagefolder(folder):
-    """DIR/train/<class>/* and DIR/val/<class>/*, classes from the train folder names."""
-    train_dir, val_dir = Path(folder) / "train", Path(folder) / "val"
-    for split in (train_dir, val_dir):
-        if not split.is_dir():
-            raise common.ConfigError(f"{split} is missing: an image folder needs train/<class>/ and val/<class>/")
-    classes = class_folders(train_dir)
-    if class_folders(val_dir) != classes:
-        raise common.ConfigError(f"{train_dir} and {val_dir} have different class folders")
-    splits = []
-    for split in (train_dir, val_dir):
-        files = [(path, index) for index, name in enumerate(classes) for path in images_in(split / name)]
-        splits += [[read_image(path) for path, _ in files], torch.tensor([index for _, index in files])]
-    return (*splits, len(classes))
-
-
-def read_tiny_imagenet(folder):
-    """tiny-imagenet-200 as distributed: train/<wnid>/images/*.JPEG; val/images/* named by val_annotations.txt."""
-    root = Path(folder) / "tiny-imagenet-200" if (Path(folder) / "tiny-imagenet-200").is_dir() else Path(folder)
-    classes = class_folders(root / "train") if (root / "train").is_dir() else []
-    if not classes:
-        raise common.ConfigError(f"{root / 'train'} is missing: expected the official tiny-imagenet-200 layout")
-    index = {wnid: position for position, wnid in enumerate(classes)}
-    train = [(path, index[wnid]) for wnid in classes for path in images_in(root / "train" / wnid / "images")]
-    annotations = root / "val" / "val_annotations.txt"
-    if not annotations.is_file():
-        raise common.ConfigError(f"{annotations} is missing (the official val/ layout)")
-    val = []
-    for number, line in enumerate(annotations.read_text().splitlines(), 1):
-        fields = line.split("\t")
-        if len(fields) < 2 or fields[1] not in index:
-            raise common.ConfigError(f"{annotations} line {number} is not '<file>\\t<wnid of a train class>\\t...'")
-        val.append((root / "val" / "images" / fields[0], index[fields[1]]))
-    images = [[read_image(path) for path, _ in files] for files in (train, val)]
-    labels = [torch.tensor([label for _, label in files]) for files in (train, val)]
-    return images[0], labels[0], images[1], labels[1], len(classes)
+    return read
 
 
 def resized_test_set(images, size):
     """Resize(size) of eval_rep.py: the shorter side to `size`, then a centre crop to a square batch."""
-    resized = [TF.center_crop(TF.resize(image, size, antialias=True), [size, size]) for image in images]
-    return torch.stack(resized)
+    return torch.stack([common.resize_square(image, size) for image in images])
 
 
 def augmented_batch(images, indices, size, generator):
@@ -225,7 +171,11 @@ if __name__ == "__main__":
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.get_device(args.device)
     backbone, backbone_file = load_backbone(args)
-    readers = {"stl10": read_stl10, "tiny-imagenet": read_tiny_imagenet, "imagefolder": read_imagefolder}
+    readers = {
+        "stl10": read_stl10,
+        "tiny-imagenet": read_folders("tiny-imagenet"),
+        "imagefolder": read_folders("imagefolder"),
+    }
     print(f"reading {args.dataset} from {args.data_dir}", flush=True)
     train_images, train_labels, test_images, test_labels, num_classes = readers[args.dataset](args.data_dir)
     if args.train_subset:

@@ -371,24 +371,34 @@ def tiny_imagenet_val(root, label_of):
     return val
 
 
-def read_image(path):
-    """An image file as uint8 [3, H, W] RGB (Pillow, as torchvision's ImageFolder reads it); an unreadable or
+def open_rgb(path):
+    """An image file as a decoded RGB Pillow image (as torchvision's ImageFolder reads it); an unreadable or
     truncated file is a ConfigError naming it."""
     from PIL import Image, UnidentifiedImageError  # installed with torchvision; CIFAR runs never need it
 
     try:
         with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
+            return image.convert("RGB")  # decodes every pixel: a truncated file fails here
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise ConfigError(f"{path} could not be read as an image ({err}): replace or remove it") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def to_uint8(image):
+    """A Pillow RGB image as uint8 [3, H, W]."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def read_image(path):
+    """An image file as uint8 [3, H, W] RGB (open_rgb's errors)."""
+    return to_uint8(open_rgb(path))
 
 
 def resize_square(image, size, resize=None):
-    """Resize(resize or size) of the shorter side (antialiased, as on PIL images), then CenterCrop(size)."""
+    """Resize(resize or size) of the shorter side (antialiased), then CenterCrop(size); a Pillow image or a
+    uint8 tensor, returned as the same kind."""
     from torchvision.transforms.v2 import functional as TF
 
-    if image.shape[-2:] == (size, size) and resize is None:
+    if TF.get_size(image) == [size, size] and resize is None:
         return image  # already square at that size: every pixel kept (CIFAR written as PNG folders)
     return TF.center_crop(TF.resize(image, [resize or size], antialias=True), [size, size])
 
@@ -409,7 +419,7 @@ class FolderImages(torch.utils.data.Dataset):
         from torchvision.transforms import v2
 
         position, seed = item
-        image = read_image(self.paths[position])
+        image = open_rgb(self.paths[position])  # transformed as a Pillow image: its resize is the fast one
         if seed is None:
             image = resize_square(image, self.size, self.test_resize)
         else:
@@ -420,7 +430,7 @@ class FolderImages(torch.utils.data.Dataset):
                 else:
                     image = v2.RandomCrop(self.size, padding=self.size // 8)(resize_square(image, self.size))
                 image = v2.RandomHorizontalFlip()(image)
-        return image, self.labels[position], position
+        return to_uint8(image), self.labels[position], position
 
 
 @dataclasses.dataclass

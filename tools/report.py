@@ -530,14 +530,16 @@ def plot_against_baselines(groups, folder, plt):
     )
     axes = list(getattr(axes, "flat", [axes]))
     for axis, (group, baseline) in zip(axes, pairs):
-        for member, colour in ((baseline, "tab:gray"), (group, "tab:blue")):
+        for member, colour, name in ((baseline, "tab:gray", "baseline"), (group, "tab:blue", group["method"])):
             epochs, means, stds = curves(member)
-            axis.plot(epochs, means, color=colour, label=f"{group_label(member)}: mean")
+            axis.plot(epochs, means, color=colour, label=f"{name}: mean")
             low, high = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
             axis.fill_between(
                 epochs, low, high, color=colour, alpha=0.2, label=f"± 1 std over {len(member['runs'])} seeds"
             )
-        axis.set_title(f"{group_label(group)} vs its baseline", fontsize=8)
+        teacher, student, model = models_of(group["method"], group["args"])
+        models = f"{teacher}→{student}" if teacher else model
+        axis.set_title(f"{group['method']} {models}\nvs {baseline_label(baseline)}", fontsize=7)
         axis.set_xlabel("epoch", fontsize=7)
         axis.set_ylabel("test top-1 (%)", fontsize=7)
         axis.legend(fontsize=6)
@@ -556,23 +558,27 @@ def plot_differences(rows, folder, plt):
     shown = [row for row in rows if row.get("difference_mean") is not None]
     if not shown:
         return []
-    figure, axis = plt.subplots(figsize=(6.5, 0.45 * len(shown) + 1.4))
+    figure, axis = plt.subplots(figsize=(7.5, 0.45 * len(shown) + 1.4))
     for place, row in enumerate(shown):
         mean, interval = row["difference_mean"], row["difference_ci95"] or [row["difference_mean"]] * 2
         axis.errorbar(mean, place, xerr=[[mean - interval[0]], [interval[1] - mean]], fmt="o", capsize=3)
     axis.axvline(0, color="black", linewidth=0.8)
-    labels = [f"{row['method']} {row['setting']} ({row['teacher'] + '→' if row['teacher'] else ''}" for row in shown]
-    labels = [
-        f"{label}{row['student'] or row['model']}, n={len(row['paired_seeds'])})" for label, row in zip(labels, shown)
-    ]
-    axis.set_yticks(range(len(shown)), [" ".join(label.split()) for label in labels], fontsize=7)
+    labels = [difference_label(row) for row in shown]
+    axis.set_yticks(range(len(shown)), labels, fontsize=7)
     axis.invert_yaxis()
-    axis.set_xlabel("method − matched baseline, last-epoch test top-1 (points), 95 % bootstrap interval", fontsize=7)
+    axis.set_xlabel("method − matched baseline, last-epoch top-1 (points): mean, 95 % bootstrap interval", fontsize=7)
     figure.tight_layout()
     path = Path(folder) / "differences.png"
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return [path]
+
+
+def difference_label(row):
+    """<method> <teacher→student or model> [<setting>, when short], n=<paired seeds>."""
+    models = f"{row['teacher']}→{row['student']}" if row["teacher"] else str(row["student"] or row["model"])
+    setting = f" [{row['setting']}]" if row["setting"] and len(row["setting"]) <= 24 else ""
+    return f"{row['method']} {models}{setting}, n={len(row['paired_seeds'])}"
 
 
 def safe(text):

@@ -25,6 +25,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import errno
 import hashlib
@@ -464,9 +465,10 @@ def stream_batches(data, batch_size, generator, augment=True):
     order = torch.randperm(len(data.train_labels), generator=generator)
     epoch_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     keys = [(position, epoch_seed + position if augment else None) for position in order.tolist()]
+    batches = [keys[start : start + batch_size] for start in range(0, len(keys), batch_size)]
     loader = torch.utils.data.DataLoader(
         data.train,
-        batch_sampler=[keys[start : start + batch_size] for start in range(0, len(keys), batch_size)],
+        batch_sampler=[batch[rank_rows(len(batch))] for batch in batches if len(batch) >= WORLD.size],
         num_workers=data.workers,
         pin_memory=data.train_labels.is_cuda,
     )
@@ -483,9 +485,9 @@ def stream_batches(data, batch_size, generator, augment=True):
             )
 
 
-def stream_test_batches(data, batch_size):
-    """test_batches of a StreamData: the val images in order, un-augmented."""
-    keys = [(position, None) for position in range(len(data.test_labels))]
+def stream_test_batches(data, batch_size, rows):
+    """test_batches of a StreamData: the val images of `rows` (a slice) in order, un-augmented."""
+    keys = [(position, None) for position in range(rows.start, rows.stop)]
     loader = torch.utils.data.DataLoader(
         data.test,
         batch_sampler=[keys[start : start + batch_size] for start in range(0, len(keys), batch_size)],
@@ -587,7 +589,8 @@ def epoch_generator(seed, epoch):
 
 def train_batches(data, batch_size, generator, augment=True):
     """One epoch of shuffled training batches (drop_last=False, as every official loader).
-    Yields (images [B, 3, 32, 32] normalised float, labels [B], sample indices [B])."""
+    Yields (images [B, 3, 32, 32] normalised float, labels [B], sample indices [B]); under torchrun, this
+    rank's share of each global batch of `batch_size` (rank_rows)."""
     if isinstance(data, StreamData):
         yield from stream_batches(data, batch_size, generator, augment)
         return
@@ -596,28 +599,35 @@ def train_batches(data, batch_size, generator, augment=True):
     for start in range(0, num_images, batch_size):
         indices = order[start : start + batch_size]
         images = data.train_images[indices]
-        if augment:
+        if augment:  # drawn for the global batch, so every rank's share is augmented as in one process
             images = standard_augment(images, generator)
-        yield data.normalize(images), data.train_labels[indices], indices
+        if len(indices) < WORLD.size:  # torchrun: a last batch smaller than the ranks is dropped
+            continue
+        rows = rank_rows(len(indices))
+        yield data.normalize(images[rows]), data.train_labels[indices[rows]], indices[rows]
 
 
 EVALUATION_PROGRESS_SECONDS = 30  # a longer evaluation says how far it is
 
 
-def test_batches(data, batch_size):
+def test_batches(data, batch_size, shard=False):
     """The un-augmented test set in order, the counterpart of `train_batches`.
     Yields (images [B, 3, 32, 32] normalised float, labels [B]). An evaluation that takes longer than
-    EVALUATION_PROGRESS_SECONDS prints how many test images it has seen, every that many seconds."""
+    EVALUATION_PROGRESS_SECONDS prints how many test images it has seen, every that many seconds.
+    `shard` (torchrun): this rank's contiguous share of the test set only."""
+    rows = rank_rows(len(data.test_labels)) if shard else slice(0, len(data.test_labels))
     if isinstance(data, StreamData):
-        yield from stream_test_batches(data, batch_size)
+        yield from stream_test_batches(data, batch_size, rows)
         return
-    total = len(data.test_labels)
+    total = rows.stop - rows.start
     started = shown = time.time()
-    for start in range(0, total, batch_size):
+    for start in range(rows.start, rows.stop, batch_size):
         if time.time() - shown > EVALUATION_PROGRESS_SECONDS:
             shown = time.time()
-            print(f"  evaluating: {start}/{total} test images, {format_seconds(shown - started)}", flush=True)
-        yield data.normalize(data.test_images[start : start + batch_size]), data.test_labels[start : start + batch_size]
+            seen = start - rows.start
+            print(f"  evaluating: {seen}/{total} test images, {format_seconds(shown - started)}", flush=True)
+        end = min(start + batch_size, rows.stop)
+        yield data.normalize(data.test_images[start:end]), data.test_labels[start:end]
 
 
 def rotations(images):
@@ -1579,15 +1589,178 @@ def runtime_info(device):
     return info
 
 
-def get_device(name=None):
-    """The training device, announced with torch's version (and the GPU's name on CUDA)."""
-    device = resolve_device(name)
+def get_device(name=None, sync_bn=False):
+    """The training device, announced with torch's version (and the GPU's name on CUDA). Under torchrun:
+    this rank's device, after joining the ranks' process group (join_process_group)."""
+    device = join_process_group(name, sync_bn) if under_torchrun() else resolve_device(name)
     info = runtime_info(device)
     where = f"{info['device']} ({info['device_name']}, CUDA {info['cuda']})" if device.type == "cuda" else "cpu"
     if device.type == "cpu" and not name:
         where += " (no CUDA device was found)"
+    if under_torchrun():
+        where += f"; {WORLD.size} ranks ({torch.distributed.get_backend()})" + (", --sync-bn" if sync_bn else "")
     print(f"device: {where}; torch {info['torch']}, {torch.get_num_threads()} CPU threads", flush=True)
     return device
+
+
+# =================================================================================================
+# DISTRIBUTED: torchrun's processes (ranks), one per device, with DistributedDataParallel
+# =================================================================================================
+# Without torchrun nothing below does anything: one process, world size 1. Under torchrun every rank
+# runs the whole script: the same seeded epoch order, of which each rank takes its share of every
+# global batch; trained models are wrapped in DDP (gradients averaged); rank 0 alone prints and writes.
+
+DISTRIBUTED_TIMEOUT_MINUTES = 30  # a collective that waits longer than this fails instead of hanging
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR")
+TORCHRUN_VARIABLES += ("MASTER_PORT", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+
+
+@dataclasses.dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    distributed: bool = False  # a process group is joined (torchrun), and not set aside by single_process
+    sync_bn: bool = False
+
+
+WORLD = World()  # this process's place; set by get_device under torchrun
+
+
+def under_torchrun():
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def is_main_process():
+    return WORLD.rank == 0
+
+
+def join_process_group(name, sync_bn):
+    """Under torchrun: this rank's device (cuda:<LOCAL_RANK>, or the CPU) and its process group
+    (nccl on CUDA, gloo on the CPU)."""
+    if name not in (None, "cpu", "cuda"):
+        raise ConfigError(f"--device {name}: under torchrun each rank takes cuda:<LOCAL_RANK>; pass cuda or cpu")
+    device = resolve_device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {device.index}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=DISTRIBUTED_TIMEOUT_MINUTES)
+    torch.distributed.init_process_group(backend, timeout=timeout)
+    WORLD.rank, WORLD.size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    WORLD.distributed, WORLD.sync_bn = True, sync_bn
+    if sync_bn and device.type == "cpu":
+        print("--sync-bn on the CPU: GlooSyncBatchNorm (torch's SyncBatchNorm runs on GPUs only)", flush=True)
+    return device
+
+
+@contextlib.contextmanager
+def single_process():
+    """Rank 0 runs a stage alone (a teacher the others wait for): no sharding, no DDP, no collectives."""
+    saved = dataclasses.replace(WORLD)
+    WORLD.rank, WORLD.size, WORLD.distributed = 0, 1, False
+    try:
+        yield
+    finally:
+        WORLD.rank, WORLD.size, WORLD.distributed = saved.rank, saved.size, saved.distributed
+
+
+def rank_rows(count):
+    """This rank's rows of a global batch of `count` rows: a contiguous share, rank-major."""
+    return slice(count * WORLD.rank // WORLD.size, count * (WORLD.rank + 1) // WORLD.size)
+
+
+def all_reduce_sum(tensor):
+    """The sum over ranks (in place, and returned); the tensor itself in one process."""
+    if WORLD.size > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def gather_rows(*tensors):
+    """Every rank's rows of each tensor, rank-major (dim 0), on every rank: PS-KD's and LSSKD's per-sample
+    buffers stay identical on every rank. Shares may differ by a row; they are padded for the gather."""
+    if WORLD.size == 1:
+        return tensors
+    counts = all_reduce_sum(F.one_hot(torch.tensor(WORLD.rank), WORLD.size) * len(tensors[0]))
+    gathered = []
+    for tensor in tensors:
+        padded = F.pad(tensor.detach(), (0, 0) * (tensor.dim() - 1) + (0, int(counts.max()) - len(tensor)))
+        pieces = [torch.empty_like(padded) for _ in range(WORLD.size)]
+        torch.distributed.all_gather(pieces, padded.contiguous())
+        gathered.append(torch.cat([piece[:count] for piece, count in zip(pieces, counts.tolist())]))
+    return tuple(gathered)
+
+
+class DistributedModel(nn.parallel.DistributedDataParallel):
+    """DDP whose attributes fall through to the wrapped model (student.feat_dim, model.backbone), so a
+    method file reads the same with and without torchrun. Training forwards go through the wrapper."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def for_evaluation(model):
+    """The model in eval mode, outside DDP's wrapper (ranks may see different numbers of test batches);
+    under torchrun with rank 0's BN statistics (without --sync-bn each rank's differ after its last step)."""
+    model = unwrap(model).eval()
+    if WORLD.distributed:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    return model
+
+
+def unwrap(model):
+    """The model inside a DistributedModel (state dicts keep the keys of one process); else the model."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def distribute(model, find_unused=False):
+    """Under torchrun, a model with trained parameters in DDP (--sync-bn: its BN layers first made
+    synchronised); frozen models (teachers) and one process: the model as it is. `find_unused`: DDP looks for
+    parameters without a gradient each step (only where a method's flags leave some unused)."""
+    if not WORLD.distributed or not any(parameter.requires_grad for parameter in model.parameters()):
+        return model
+    if WORLD.sync_bn:
+        model = _synchronise_batch_norm(model)
+    device = next(model.parameters()).device
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedModel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+class GlooSyncBatchNorm(nn.BatchNorm2d):
+    """SyncBatchNorm for CPU ranks (gloo), where torch's runs on GPUs only: batch statistics over the global
+    batch from all-reduced per-channel sums (autograd flows through the all-reduce); eval mode as BatchNorm2d."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        values = x.float()
+        count = torch.tensor([values.numel() / values.shape[1]])
+        local = torch.cat([values.sum((0, 2, 3)), (values * values).sum((0, 2, 3)), count])
+        sums = torch.distributed.nn.functional.all_reduce(local)
+        channels, total = x.shape[1], sums[-1]
+        mean, mean_square = sums[:channels] / total, sums[channels:-1] / total
+        var = mean_square - mean * mean
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * total / (total - 1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (values * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
+
+
+def _synchronise_batch_norm(model):
+    if next(model.parameters()).device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = GlooSyncBatchNorm  # same parameters, buffers and state-dict keys
+    return model
 
 
 def autocast(device, enabled):
@@ -1595,26 +1768,26 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def prepare_model(model, device, amp):
-    """Move to the device; --amp also switches to channels_last, the layout bf16 conv kernels prefer."""
+def prepare_model(model, device, amp, find_unused=False):
+    """Move to the device; --amp also switches to channels_last, the layout bf16 conv kernels prefer.
+    Under torchrun a model with trained parameters is wrapped in DDP (`distribute`); freeze teachers first."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if amp else model
+    return distribute(model.to(memory_format=torch.channels_last) if amp else model, find_unused)
 
 
 @torch.no_grad()
 def evaluate(model, data, batch_size=128, amp=False):
-    """Top-1 and top-5 (%) on the un-augmented test set, model in eval mode."""
-    model.eval()
+    """Top-1 and top-5 (%) on the un-augmented test set, model in eval mode. Under torchrun each rank
+    evaluates its share with rank 0's BN statistics, and the counts are summed over the ranks."""
+    model = for_evaluation(model)
     device = data.test_labels.device
-    correct1 = correct5 = torch.zeros((), device=device)
-    for images, labels in test_batches(data, batch_size):
+    correct = torch.zeros(2, device=device)
+    for images, labels in test_batches(data, batch_size, shard=True):
         with autocast(device, amp):
             logits = model(images)
-        top1, top5 = topk_counts(logits.float(), labels)
-        correct1 = correct1 + top1
-        correct5 = correct5 + top5
-    total = len(data.test_labels)
-    return {"top1": 100.0 * correct1.item() / total, "top5": 100.0 * correct5.item() / total}
+        correct = correct + torch.stack(topk_counts(logits.float(), labels))
+    top1, top5 = all_reduce_sum(correct).tolist()
+    return {"top1": 100.0 * top1 / len(data.test_labels), "top5": 100.0 * top5 / len(data.test_labels)}
 
 
 def accuracy_count(logits, labels):
@@ -1665,8 +1838,11 @@ class Meter:
         self.add_sum(name, 100.0 * accuracy_count(logits, labels), len(labels))
 
     def averages(self):
-        values = torch.stack([self.sums[name] for name in self.sums]).tolist()
-        return {name: value / self.counts[name] for name, value in zip(self.sums, values)}
+        """Each metric's average over the epoch's rows (under torchrun: over every rank's rows)."""
+        sums = all_reduce_sum(torch.stack([self.sums[name] for name in self.sums]))
+        counts = torch.tensor([self.counts[name] for name in self.sums], dtype=torch.float64, device=sums.device)
+        counts = all_reduce_sum(counts)
+        return {name: value / count for name, value, count in zip(self.sums, sums.tolist(), counts.tolist())}
 
 
 def check_finite(metrics, epoch, run_dir, remedy=None, hint=None):
@@ -1850,6 +2026,9 @@ def check_common_args(args):
                 f"{_flag(name)} {arch} is a CIFAR network (32x32 inputs) but images are {size}x{size}: pass "
                 f"--image-size 32, or a torchvision network (resnet18_imagenet, resnet34_imagenet, resnet50_imagenet)"
             )
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun() else 1
+    if values.get("batch_size") and values["batch_size"] % ranks:
+        problems.append(f"--batch-size {values['batch_size']} is the global batch: it must divide by the {ranks} ranks")
     if values.get("teacher_sha256") is not None:
         if not values.get("teacher_path"):
             problems.append("--teacher-sha256 checks the file of --teacher-path: give that too")
@@ -1894,14 +2073,18 @@ def check_architectures(*names, valid=None, kind=None):
 
 
 def show_user_errors_plainly():
-    """Every script's first call: user errors (bad input, a diverged loss) print one line, not a traceback."""
+    """Every script's first call: user errors (bad input, a diverged loss) print one line, not a traceback.
+    Under torchrun, rank 0 speaks for the job: the other ranks' stdout is silenced (errors still show)."""
     sys.excepthook = _friendly_excepthook
+    if int(os.environ.get("RANK", "0")) > 0 and under_torchrun():
+        sys.stdout = open(os.devnull, "w")
 
 
 def _friendly_excepthook(kind, error, trace):
     """User errors print one clear line instead of a traceback; everything else is unchanged."""
     if issubclass(kind, (ConfigError, FloatingPointError)):
-        print(f"error: {error}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if under_torchrun() else ""
+        print(f"error{rank}: {error}", file=sys.stderr)
     elif issubclass(kind, KeyboardInterrupt):
         print("\ninterrupted: every finished epoch is saved; rerun the same command with --resume", file=sys.stderr)
     else:
@@ -1955,11 +2138,13 @@ class Logger:
     (`--tensorboard`) and Weights & Biases (`--track`), both imported only when asked for."""
 
     def __init__(self, run_dir, args, start_epoch=0, file_name="metrics.jsonl", tracking=True):
-        self.path = Path(run_dir) / file_name
+        self.path = Path(run_dir) / file_name if is_main_process() else None  # torchrun: rank 0 writes
+        self.tensorboard = self.wandb = None
+        if self.path is None:
+            return
         if self.path.exists():  # on resume, drop epochs that will be run again (lines carry 1-based epochs)
             kept = [line for line in self.path.read_text().splitlines() if _logged_epoch(line) <= start_epoch]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.tensorboard = self.wandb = None
         if tracking and getattr(args, "tensorboard", False):
             SummaryWriter = _optional_import("torch.utils.tensorboard", "tensorboard").SummaryWriter
             self.tensorboard = SummaryWriter(str(run_dir))
@@ -1971,6 +2156,8 @@ class Logger:
 
     def log(self, epoch, metrics):
         """`epoch` is the loop's 0-based index; files and screens say epoch + 1, as summary.json does."""
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
         if self.tensorboard:
@@ -2009,7 +2196,9 @@ def print_epoch(epoch, epochs, metrics, epoch_start, stage="epoch"):
 
 def save_checkpoint(path, payload):
     """Atomic save: write a temporary file, then rename, so an interruption never leaves a
-    truncated checkpoint behind."""
+    truncated checkpoint behind. Under torchrun, rank 0 alone writes."""
+    if not is_main_process():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -2048,7 +2237,11 @@ def training_state(model, optimizer, epoch, best, args, trained_with=None, **ext
     teacher checkpoint; `epoch` counts finished epochs. `trained_with` ({key: module, tensor or None})
     is what a method trains or keeps beside the model (heads, branches, prediction buffers)."""
     trained_with = trained_with or {}
-    kept = {key: value.state_dict() if hasattr(value, "state_dict") else value for key, value in trained_with.items()}
+    kept = {
+        key: unwrap(value).state_dict() if hasattr(value, "state_dict") else value
+        for key, value in trained_with.items()
+    }
+    model = unwrap(model)
     return {
         "model": model.state_dict(),
         "arch": model.arch,
@@ -2065,6 +2258,7 @@ def training_state(model, optimizer, epoch, best, args, trained_with=None, **ext
 
 def model_payload(model, epoch, result, args):
     """A weights-only checkpoint (best.pth, cached teachers) in RepDistiller's {"model": ...} format."""
+    model = unwrap(model)
     return {
         "model": model.state_dict(),
         "arch": model.arch,
@@ -2155,6 +2349,8 @@ def check_resume_arguments(path, checkpoint, args):
             f"add --resume-with-changes to continue with the new ones (the change is recorded)."
         )
     print(f"resuming with changed arguments (from epoch {checkpoint['epoch'] + 1} on): {listed}", flush=True)
+    if not is_main_process():
+        return
     with open(Path(path).parent / "resumes.jsonl", "a") as f:
         f.write(
             json.dumps(
@@ -2179,7 +2375,7 @@ def resume_state(run_dir, model, optimizer, resume, args=None, trained_with=None
     )
     if args is not None:
         check_resume_arguments(path, checkpoint, args)
-    load_weights(model, checkpoint, str(path))
+    load_weights(unwrap(model), checkpoint, str(path))
     optimizer.load_state_dict(checkpoint["optimizer"])
     for key, target in (trained_with or {}).items():
         _restore(target, checkpoint.get(key), key, path)
@@ -2194,7 +2390,7 @@ def _restore(target, saved, key, path):
     if target is None:
         return
     if hasattr(target, "load_state_dict") and isinstance(saved, dict):  # a module or an optimizer
-        target.load_state_dict(saved)
+        unwrap(target).load_state_dict(saved)
         return
     if not isinstance(saved, torch.Tensor) or saved.shape != target.shape or saved.dtype != target.dtype:
         found = f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor) else "none"
@@ -2281,11 +2477,13 @@ def write_summary(run_dir, args, best, last, method, **extra):
         "seed": args.seed,
         "git_commit": git_commit(),
         **runtime_info(resolve_device(args.device)),
+        "world_size": WORLD.size,  # torchrun's ranks (1: one process)
         "args": dataclasses.asdict(args),
     }
     if resumes.exists():
         summary["resumed_with_changes"] = [json.loads(line) for line in resumes.read_text().splitlines() if line]
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main_process():
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"done: last-epoch test top1 {last['top1']:.2f} (primary), best-epoch top1 {best['top1']:.2f} "
         f"at epoch {best['epoch'] + 1}; summary in {Path(run_dir) / 'summary.json'}",
@@ -2310,8 +2508,7 @@ def load_teacher(args, data, device):
     checkpoint = load_checkpoint(path, "teacher checkpoint", remedy)
     teacher = model_from_checkpoint(args.teacher, data.num_classes, checkpoint, str(path))  # architecture, classes
     check_teacher_normalization(checkpoint, args, path)
-    teacher = prepare_model(teacher, device, args.amp)
-    teacher.eval().requires_grad_(False)
+    teacher = prepare_model(teacher.eval().requires_grad_(False), device, args.amp)  # frozen: no DDP
     result = evaluate(teacher, data, args.eval_batch_size, args.amp)
     print(f"teacher {args.teacher} from {path}: test top1 {result['top1']:.2f} top5 {result['top5']:.2f}", flush=True)
     expected = args.teacher_expected_acc
@@ -2405,7 +2602,8 @@ def train_teacher(args, cache_path):
         flush=True,
     )
     preexec = die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
-    if subprocess.run(command, preexec_fn=preexec).returncode != 0:
+    environment = {name: value for name, value in os.environ.items() if name not in TORCHRUN_VARIABLES}
+    if subprocess.run(command, preexec_fn=preexec, env=environment).returncode != 0:
         raise ConfigError("training the teacher failed (see above); fix it and rerun, it resumes")
     last_file = Path(args.output_dir) / run_name / "last.pth"
     publish_stage(last_file, cache_path, "the teacher run's last checkpoint")
@@ -2435,17 +2633,42 @@ def cached_stage(given_path, cache_path, train, seed=None, sha256=None):
     `cache_lock`, so concurrent runs that need the same stage train it once. With `seed`, training draws
     from its own random stream seeded with it, and the caller's stream is left as it was: the stage is the
     same for every student seed, and the student the same whether the stage was trained, cached or given.
-    `sha256` (hex digits) is what the given file must hash to. Returns the file to load."""
+    `sha256` (hex digits) is what the given file must hash to. Returns the file to load.
+    Under torchrun, rank 0 downloads or trains (alone, as one process would) while the other ranks wait."""
     if given_path:
         folder = Path(cache_path).parent if cache_path else Path("checkpoints")
-        return fetch_checkpoint(given_path, folder, sha256)
+        with rank_zero_first():
+            return fetch_checkpoint(given_path, folder, sha256)
+    if not is_main_process():
+        while not Path(cache_path).exists():  # no collective: a stage may train for longer than its timeout
+            time.sleep(STAGE_POLL_SECONDS)
+        return Path(cache_path)
     with cache_lock(cache_path):
         if not Path(cache_path).exists():
-            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if WORLD.distributed:
+                print(
+                    f"torchrun: rank 0 trains {Path(cache_path).name} alone; the other ranks wait for it "
+                    f"(docs/distributed.md: train stages first to use every device)",
+                    flush=True,
+                )
+            with single_process(), torch.random.fork_rng(devices=[], enabled=seed is not None):
                 if seed is not None:
                     torch.default_generator.manual_seed(seed)
                 train(cache_path)
     return Path(cache_path)
+
+
+STAGE_POLL_SECONDS = 2  # how often ranks other than 0 look for the stage rank 0 trains
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Under torchrun, rank 0 runs the block before the other ranks do (a download the others then reuse)."""
+    if WORLD.distributed and not is_main_process():
+        torch.distributed.barrier()
+    yield
+    if WORLD.distributed and is_main_process():
+        torch.distributed.barrier()
 
 
 @contextlib.contextmanager

@@ -41,6 +41,8 @@ class Args:
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
+    sync_bn: bool = False
+    """torchrun: batch norm over the global batch (default: per rank)"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     output_dir: str = "runs"
@@ -268,10 +270,9 @@ def branch_diversity(logits_t, logits_s):
 def evaluate_css(net_t, net_s, masks, data, args):
     """One test pass, eval mode, masks on (as train.py tests): top-1/5 (%) of net1, net2 and their
     ensemble (mean aggregated logits); each branch's own-slot top-1, diversity when asked."""
-    net_t.eval()
-    net_s.eval()
+    net_t, net_s = map(common.for_evaluation, (net_t, net_s))
     meter = common.Meter()
-    for images, labels in common.test_batches(data, args.eval_batch_size):
+    for images, labels in common.test_batches(data, args.eval_batch_size, shard=True):
         with common.autocast(images.device, args.amp):
             logits_t = net_t(images, masks).float()
             logits_s = net_s(images, masks).float()
@@ -299,7 +300,7 @@ if __name__ == "__main__":
     common.check_architectures(args.model_t, args.model_s, valid=tuple(CSS_RESNETS), kind=CSS_KIND)
     common.print_config(args, METHOD_NAME)
     common.seed_everything(args.seed, args.torch_deterministic)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.sync_bn)
     data = common.load_data(args, device)
     run_name = f"{METHOD_NAME}_{args.model_t}_{args.model_s}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
@@ -320,7 +321,6 @@ if __name__ == "__main__":
     start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args, trained_with)
     best_net1 = checkpoint["best_net1"] if checkpoint else dict(best)
     best_ensemble = checkpoint["best_ensemble"] if checkpoint else dict(best)
-    result = None
     # --- END METHOD ---
     logger = common.Logger(run_dir, args, start_epoch)
 
@@ -387,7 +387,7 @@ if __name__ == "__main__":
         common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     # --- METHOD: every network's last and best epoch, in summary.json ---
-    last = result if result is not None else evaluate_css(net_t, net_s, masks, data, args)
+    last = evaluate_css(net_t, net_s, masks, data, args)
     summary = {"primary": f"net2 ({args.model_s})", "net1_arch": net_t.arch, "net2_arch": net_s.arch}
     for name, best_of in (("net1", best_net1), ("net2", best), ("ensemble", best_ensemble)):
         summary.update({f"{name}_last_top1": last[f"{name}_top1"], f"{name}_last_top5": last[f"{name}_top5"]})

@@ -49,6 +49,8 @@ class Args:
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
+    sync_bn: bool = False
+    """torchrun: batch norm over the global batch (default: per rank)"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     output_dir: str = "runs"
@@ -298,7 +300,7 @@ def prepare_teacher(args, data, device):
     teacher = common.model_from_checkpoint(args.teacher, data.num_classes, checkpoint, str(path), build)
     unknown = "unknown (--teacher-aux-path)" if args.teacher_aux_path else args.teacher_mode
     mode = checkpoint.get("teacher_mode", unknown)
-    return common.prepare_model(teacher, device, args.amp).eval().requires_grad_(False), path, mode
+    return common.prepare_model(teacher.eval().requires_grad_(False), device, args.amp), path, mode
 
 
 if __name__ == "__main__":
@@ -311,7 +313,7 @@ if __name__ == "__main__":
     check_pair(args.teacher, args.student)
     # --- END METHOD ---
     common.seed_everything(args.seed, args.torch_deterministic)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.sync_bn)
     data = common.load_data(args, device)
     run_name = f"{METHOD_NAME}_{args.teacher_mode}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
@@ -326,8 +328,7 @@ if __name__ == "__main__":
         f"top5 {teacher_result['top5']:.2f}; branch {4 * data.num_classes}-way top1 {branch_top1}",
         flush=True,
     )
-    # The student is the backbone (evaluated, saved, reported as in kd.py); its branches train,
-    # save and resume with it, and stay in train mode (evaluation is the backbone's).
+    # The student is the backbone (evaluated, saved, reported as kd.py's); its branches train and resume with it.
     student_with_branches = common.build_auxiliary_model(args.student, data.num_classes)
     student_with_branches = common.prepare_model(student_with_branches, device, args.amp)
     student = student_with_branches.backbone
@@ -350,8 +351,7 @@ if __name__ == "__main__":
             rotated = common.rotations(images)  # [4B, 3, H, W]
             joint_labels = common.rotation_joint_labels(labels)  # [4B]: 4y + k
             with common.autocast(device, args.amp):
-                # Logits [4B, C]; branch l [4B, 4C] (fresh copies of the later stages, a classifier)
-                # runs on stage l's output and trains the backbone.
+                # Logits [4B, C]; branch l [4B, 4C] (copies of the later stages) runs on stage l's output.
                 student_aux, student_logits = student_with_branches(rotated)
                 student_aux = [branch.float() for branch in student_aux]
                 student_logits = student_logits.float()

@@ -51,6 +51,8 @@ class Args:
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
+    sync_bn: bool = False
+    """torchrun: batch norm over the global batch (default: per rank)"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     output_dir: str = "runs"
@@ -283,16 +285,16 @@ if __name__ == "__main__":
     print("LSSKD has no public code: [INTERP] flags are our reading (docs/lsskd.md)", flush=True)
     # --- END METHOD ---
     common.seed_everything(args.seed, args.torch_deterministic)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.sync_bn)
     data = common.load_data(args, device)
     run_name = f"{METHOD_NAME}_{args.model}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
 
     # --- METHOD: one network with HSAKD's auxiliary classifiers; the prediction buffers ---
     model_with_branches = common.build_auxiliary_model(args.model, data.num_classes)
-    model_with_branches = common.prepare_model(model_with_branches, device, args.amp)
-    # The backbone is the model evaluated, saved and reported, as in pskd.py. The branches
-    # train, save and resume with it, and stay in train mode (evaluation is the backbone's).
+    unused = not (args.lambda_sad or args.lambda_kl)  # torchrun: no gradient reaches the branches' classifiers
+    model_with_branches = common.prepare_model(model_with_branches, device, args.amp, find_unused=unused)
+    # The backbone is evaluated, saved and reported (as pskd.py's model); its branches train and resume with it.
     model = model_with_branches.backbone
     num_classes = data.num_classes
     num_heads = model_with_branches.num_branches
@@ -362,9 +364,9 @@ if __name__ == "__main__":
             if args.final_soft_targets:
                 final_logits = logits[0::4] if args.final_rows == "upright" else logits
                 final_logits = final_logits.view(batch, final_slots, num_classes)
-                record_predictions(final_buffer, sample_ids, final_logits)
+                record_predictions(final_buffer, *common.gather_rows(sample_ids, final_logits))
             if args.aux_soft_targets:
-                record_predictions(aux_buffer, sample_ids, per_sample(aux_logits), args.sad_tau)
+                record_predictions(aux_buffer, *common.gather_rows(sample_ids, per_sample(aux_logits)), args.sad_tau)
             for name, value in losses.items():
                 meter.add(f"loss/{name}", value, len(labels))
             meter.add_top1("train/top1", logits[0::4], labels)  # on the upright rows

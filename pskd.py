@@ -46,6 +46,8 @@ class Args:
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
+    sync_bn: bool = False
+    """torchrun: batch norm over the global batch (default: per rank)"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     output_dir: str = "runs"
@@ -160,12 +162,12 @@ def calibration_error(confidences, correct, bins=10):
 def evaluate_calibrated(model, data, batch_size=128, amp=False, bins=10):
     """`evaluate` plus calibration, from one pass over the test set: top1, top5 (%), nll (mean test
     cross-entropy, nats) and ece (expected calibration error with `bins` bins, %)."""
-    model.eval()
+    model = common.for_evaluation(model)
     chunks = []
-    for images, _ in common.test_batches(data, batch_size):
+    for images, _ in common.test_batches(data, batch_size, shard=True):
         with common.autocast(images.device, amp):
             chunks.append(model(images).float())
-    logits = torch.cat(chunks)
+    logits = common.gather_rows(torch.cat(chunks))[0]  # torchrun: every rank's share, in order
     labels = data.test_labels
     top1, top5 = common.topk_counts(logits, labels)
     confidences = F.softmax(logits, dim=1).max(dim=1).values
@@ -188,7 +190,7 @@ if __name__ == "__main__":
     # --- END METHOD ---
     common.print_config(args, METHOD_NAME)
     common.seed_everything(args.seed, args.torch_deterministic)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.sync_bn)
     data = common.load_data(args, device)
     method_name = METHOD_NAME if args.pskd else "pskd-off"  # the baseline's runs are told apart by name
     run_name = f"{method_name}_{args.model}_{args.dataset}_seed{args.seed}"
@@ -233,7 +235,7 @@ if __name__ == "__main__":
             optimizer.step()
             # --- METHOD: after the step, as the official code: this iteration's predictions become the rows ---
             if args.pskd:
-                record_predictions(predictions, sample_ids, logits)
+                record_predictions(predictions, *common.gather_rows(sample_ids, logits))  # every rank's rows
                 meter.add("loss/pskd", loss, len(labels))
             meter.add("loss/total", loss, len(labels))
             # --- END METHOD ---

@@ -12,6 +12,7 @@ worst on ("selective transfer"). Compared with kd.py: four copies, two heads, st
 Run: python sskd.py --teacher resnet32x4 --student resnet8x4
 """
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -42,6 +43,8 @@ class Args:
     """deterministic algorithms (cuDNN deterministic, no benchmark autotuning)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; unset means cuda when available"""
+    sync_bn: bool = False
+    """torchrun: batch norm over the global batch (default: per rank)"""
     amp: bool = False
     """bf16 autocast + channels_last (CUDA, or CPUs with AVX512-BF16/AMX)"""
     output_dir: str = "runs"
@@ -233,7 +236,7 @@ def ss_top1(model, head, data, batch_size, amp):
     """% of rotated test copies whose most similar upright copy in their batch is their own."""
     model.eval()
     meter = common.Meter()
-    for images, _ in common.test_batches(data, batch_size):
+    for images, _ in common.test_batches(data, batch_size, shard=True):
         with common.autocast(images.device, amp):
             feats, _ = model(common.rotations(images), is_feat=True)
             similarity = similarity_matrix(head(feats[-1]))
@@ -241,7 +244,7 @@ def ss_top1(model, head, data, batch_size, amp):
     return meter.averages()["ss_top1"]
 
 
-def train_teacher_head(cache_path, teacher, teacher_file, data, args, run_dir):
+def train_teacher_head(teacher, teacher_file, data, args, run_dir, cache_path):
     """Stage 2 (student.py's first loop): a fresh head on the frozen teacher, CE of cosines / head_T per rotated row."""
     print(f"no teacher head at {cache_path}: training the teacher head ({args.t_epochs} epochs)", flush=True)
     head = projection_head(teacher.feat_dim).to(data.test_labels.device)
@@ -316,26 +319,23 @@ if __name__ == "__main__":
     common.check_architectures(args.teacher, args.student)
     common.print_config(args, METHOD_NAME)
     common.seed_everything(args.seed, args.torch_deterministic)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.sync_bn)
     data = common.load_data(args, device)
     run_name = f"{METHOD_NAME}_{args.teacher}_{args.student}_{args.dataset}_seed{args.seed}"
     run_dir = common.prepare_run_dir(args, run_name)
 
     # --- METHOD: stage 1, the frozen teacher; stage 2, its head: given, cached, or trained ---
     teacher, teacher_result = common.load_teacher(args, data, device)
-    head_file = common.cached_stage(
-        args.teacher_head_path,
-        teacher_head_cache_path(args, teacher_result["file"]),
-        lambda cache_path: train_teacher_head(cache_path, teacher, teacher_result["file"], data, args, run_dir),
-        seed=args.head_seed,  # one head serves every student seed
-    )
+    train_head = functools.partial(train_teacher_head, teacher, teacher_result["file"], data, args, run_dir)
+    head_cache = teacher_head_cache_path(args, teacher_result["file"])  # one head serves every student seed
+    head_file = common.cached_stage(args.teacher_head_path, head_cache, train_head, seed=args.head_seed)
     teacher_head, head_test_ss = load_teacher_head(head_file, teacher.feat_dim, device)
     # --- END METHOD ---
     student = common.build_model(args.student, data.num_classes)
     student = common.prepare_model(student, device, args.amp)
     base_lr = common.default_lr(args.student, args.learning_rate)
     # --- METHOD: the student's projection head is trained, saved and resumed with it ---
-    student_head = projection_head(student.feat_dim).to(device)
+    student_head = common.prepare_model(projection_head(student.feat_dim), device, args.amp)
     optimizer = common.make_sgd([*student.parameters(), *student_head.parameters()], base_lr, args)
     trained_with = {"student_head": student_head}
     # --- END METHOD ---

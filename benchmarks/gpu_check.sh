@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR --cpu-tiny     # the same steps on the CPU at tiny size (proves the script)
 # Steps: synthetic CIFAR in the official layout (the GPU machine needs no internet and no data), the CUDA
 # tests (tests/test_cuda.py), kd.py's step against the DataLoader pipeline (fp32 and --amp), every method
-# script against kd.py (--amp), K concurrent kd.py runs on one device, then OUT_DIR/summary.{json,md}.
+# script against kd.py (--amp), K concurrent kd.py runs on one device, kd.py as a 1-rank torchrun job (DDP),
+# then OUT_DIR/summary.{json,md}.
 # A step that fails is recorded in the summary and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +44,8 @@ step speed_methods python benchmarks/speed_methods.py --dataset cifar100 --data-
   --methods kd sskd hssakd pskd lsskd css --train-subset $SUBSET --rounds 1 --json "$OUT/speed_methods.json"
 step concurrent_kd python benchmarks/concurrent_kd.py --dataset cifar100 --data-dir "$DATA" --device $DEVICE --amp \
   --train-subset $SUBSET --jobs $JOBS --json "$OUT/concurrent_kd.json"
+# DDP's path (nccl on CUDA, gloo with --cpu-tiny) as one torchrun rank: CE teacher on rank 0 alone, then KD
+step torchrun_kd python -m torch.distributed.run --standalone --nproc_per_node=1 kd.py --dataset cifar100 \
+  --data-dir "$DATA" --device $DEVICE --amp --teacher resnet8 --student resnet8 --train-subset $SUBSET --epochs 1 \
+  --ce-teacher-epochs 1 --output-dir "$OUT/torchrun" --checkpoint-dir "$OUT/torchrun/checkpoints"
 python benchmarks/gpu_check_summary.py "$OUT"

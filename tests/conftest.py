@@ -28,6 +28,20 @@ def cifar_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def untrained_teacher(tmp_path_factory):
+    """An untrained 10-class resnet8 in our checkpoint format, for tests in which a teacher only has to load
+    (the CE teacher's training through baseline.py is tested in test_kd.py and test_distributed.py)."""
+    import torch
+
+    import common
+
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
+    torch.manual_seed(0)
+    torch.save({"model": common.build_model("resnet8", 10).state_dict(), "arch": "resnet8", "num_classes": 10}, path)
+    return path
+
+
 def run_script(script, *args, cwd, env=None):
     """Run a repository script as a user would; returns the CompletedProcess (never raises)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import run_script
 
-TINY = ["--dataset", "cifar100", "--train-subset", "32", "--batch-size", "32", "--epochs", "1"]  # one step
+TINY = ["--dataset", "cifar100", "--train-subset", "32", "--test-subset", "20", "--batch-size", "32", "--epochs", "1"]
 SCRIPTS = {
     "sskd.py": ["--teacher", "resnet8", "--student", "resnet8", "--ce-teacher-epochs", "1", "--t-epochs", "1"],
     "hssakd.py": ["--teacher", "resnet8", "--student", "resnet8", "--teacher-mode", "joint", "--teacher-epochs", "1"],

@@ -231,6 +231,8 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
         "10",
         "--train-subset",
         "256",
+        "--test-subset",
+        "40",
         "--lr-milestones",
         "3",
         "6",

@@ -47,31 +47,23 @@ def data_args(dataset, data_dir, **overrides):
     return SimpleNamespace(**{**fields, "amp": False, "image_size": None, "workers": 0, **overrides})
 
 
+TEACHER = ["--teacher", "resnet8", "--teacher-path", "{teacher_file}"]  # a CE teacher to load, not to train
 METHODS = {
-    "baseline.py": ["--model", "{student}"],
-    "kd.py": ["--teacher", "{teacher}", "--student", "{student}", "--ce-teacher-epochs", "1"],
-    "sskd.py": ["--teacher", "{teacher}", "--student", "{student}", "--ce-teacher-epochs", "1", "--t-epochs", "1"],
-    "hssakd.py": [
-        "--teacher",
-        "{teacher}",
-        "--student",
-        "{student}",
-        "--ce-teacher-epochs",
-        "1",
-        "--teacher-epochs",
-        "1",
-    ],
-    "pskd.py": ["--model", "{student}"],
-    "lsskd.py": ["--model", "{student}"],
+    "baseline.py": ["--model", "resnet8"],
+    "kd.py": [*TEACHER, "--student", "resnet8"],
+    "sskd.py": [*TEACHER, "--student", "resnet8", "--t-epochs", "1"],
+    "hssakd.py": [*TEACHER, "--student", "resnet8", "--teacher-epochs", "1"],
+    "pskd.py": ["--model", "resnet8"],
+    "lsskd.py": ["--model", "resnet8"],
 }
 
 
 @pytest.mark.parametrize("layout", ["imagenet", "tiny-imagenet", "imagefolder"])
 @pytest.mark.parametrize("script", METHODS)
-def test_every_method_runs_a_tiny_epoch_on_every_layout(trees, tmp_path, script, layout):
+def test_every_method_runs_a_tiny_epoch_on_every_layout(trees, tmp_path, script, layout, untrained_teacher):
     """resnet8 at 32 px keeps it quick; imagenet streams (any network), the others are decoded to the device.
     torchvision's ResNets on a streamed set: the resume test below and tests/test_hssakd.py."""
-    flags = [flag.format(teacher="resnet8", student="resnet8") for flag in METHODS[script]]
+    flags = [flag.format(teacher_file=untrained_teacher) for flag in METHODS[script]]
     if script == "sskd.py" and layout == "imagenet":
         flags += ["--rotation-pipeline", "gpu"]  # streamed images: the standard augmentation, then rotations
     size = ["--image-size", "32"]

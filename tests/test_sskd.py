@@ -356,7 +356,7 @@ def test_head_stage_changes_only_the_head(cifar_dir, tmp_path):
     torch.manual_seed(0)
     initial_head = projection_head(64).state_dict()
     torch.manual_seed(0)  # train_teacher_head builds its head first: the same initial weights
-    sskd.train_teacher_head(tmp_path / "head.pth", teacher, tmp_path / "teacher.pth", data, args, tmp_path)
+    sskd.train_teacher_head(teacher, tmp_path / "teacher.pth", data, args, tmp_path, tmp_path / "head.pth")
     saved = torch.load(tmp_path / "head.pth", weights_only=True)
     head, test_ss = projection_head(64), saved["test_ss_top1"]
     head.load_state_dict(saved["head"])

@@ -320,3 +320,27 @@ def test_no_printed_command_gives_a_flag_twice(tmp_path):
     for line in lines:
         flags = [token for token in shlex.split(line) if token.startswith("--")]
         assert len(flags) == len(set(flags)), line
+
+
+def test_nproc_per_run_starts_each_run_with_torchrun_on_its_own_group_of_gpus(tmp_path):
+    flags = ["--methods", "kd", "--pairs", "resnet56:resnet20", "--seeds", "1", "--nproc-per-run", "2"]
+    result = run_sweep(*flags, "--devices", "cuda:0,cuda:1,cuda:2,cuda:3", "--dry-run", cwd=tmp_path)
+    command = shlex.split(result.stdout.splitlines()[0])
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert command[5].endswith("/kd.py") and command[command.index("--device") + 1] == "cuda"
+    assert sweep.device_groups(["cuda:0", "cuda:1", "cuda:2", "cuda:3"], 2) == [
+        ["cuda:0", "cuda:1"],
+        ["cuda:2", "cuda:3"],
+    ]
+    assert sweep.launch_settings(["cuda:2", "cuda:3"], 2) == ("cuda", "2,3")  # each rank: cuda:<LOCAL_RANK> of these
+    assert sweep.launch_settings(["cpu"], 2) == ("cpu", None) and sweep.launch_settings(["cuda:1"], 1) == (
+        "cuda:1",
+        None,
+    )
+    odd = run_sweep(*flags, "--devices", "cuda:0,cuda:1,cuda:2", "--dry-run", cwd=tmp_path)
+    assert odd.returncode == 2 and "needs GPUs in groups of 2" in odd.stderr
+    run_sweep(*flags, "--slurm", tmp_path / "grid.sbatch", "--output-dir", "out", cwd=tmp_path)
+    script = (tmp_path / "grid.sbatch").read_text()
+    assert (
+        "#SBATCH --gres=gpu:2" in script and "'-m torch.distributed.run --standalone --nproc_per_node=2 kd.py" in script
+    )

@@ -6,6 +6,8 @@ its own process, then aggregate it with tools/report.py.
     python tools/sweep.py --preset cifar100-all --devices cuda:0,cuda:1 --jobs-per-device 4
     python tools/sweep.py --preset kd-cifar100 --slurm kd.sbatch --slurm-throttle 8   # SLURM array jobs instead
     python tools/sweep.py --preset cpu-demo --dry-run                 # print the commands only
+    python tools/sweep.py --methods hssakd --pairs resnet34_imagenet:resnet18_imagenet --dataset imagenet \
+        --devices cuda:0,cuda:1,cuda:2,cuda:3 --nproc-per-run 4 --seeds 1 -- --data-dir /data/imagenet
 
 Every run gets a name derived from its grid point (method, variant, models, dataset, seed, and a digest of
 the extra flags when there are any) and a folder <output-dir>/<name>. A run whose summary.json exists is
@@ -18,7 +20,8 @@ sweeps sharing a checkpoint folder still train a stage once. On SLURM the teache
 own (<file>.teachers.sbatch) and the whole grid a second array that starts after it (afterok); both scripts
 run from the folder they are submitted from, with $PYTHON (default python), and name no path of the machine
 that wrote them. On the CPU the cores are divided between concurrent runs (torch threads per run), never
-oversubscribed.
+oversubscribed. With --nproc-per-run N each run is one torchrun job on N of the devices (DDP: docs/distributed.md),
+and its SLURM array task asks for N GPUs.
 
 Run: python tools/sweep.py --preset cpu-demo --jobs-per-device 2 -- --data-dir DIR
 """
@@ -63,9 +66,11 @@ class Run:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
-    def command(self, output_dir, device=None, resume=False):
+    def command(self, output_dir, device=None, resume=False, nproc=1):
+        """With nproc > 1: torchrun (python -m torch.distributed.run) starts nproc ranks of the script."""
+        launcher = [sys.executable] + (TORCHRUN + [f"--nproc_per_node={nproc}"] if nproc > 1 else [])
         command = [
-            sys.executable,
+            *launcher,
             str(REPO / f"{self.method}.py"),
             *(token.replace(OUTPUT_DIR, str(output_dir)) for token in self.flags),
             "--seed",
@@ -78,6 +83,9 @@ class Run:
         if device:
             command += ["--device", device]
         return command + (["--resume"] if resume else [])
+
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone"]  # torchrun, run by the same python
 
 
 # In a preset's flags: the sweep's --output-dir, filled in when a command is made (the run names stay the same
@@ -334,9 +342,28 @@ def ready(run, leaders):
 # ---- running ----
 
 
-def threads_per_run(devices, jobs_per_device):
-    """CPU threads of each run: the cores divided between all concurrent runs, at least one."""
-    return max(1, (os.cpu_count() or 1) // (len(devices) * jobs_per_device))
+def threads_per_run(devices, jobs_per_device, nproc=1):
+    """CPU threads of each process: the cores divided between all concurrent processes, at least one."""
+    return max(1, (os.cpu_count() or 1) // (len(devices) * jobs_per_device * (nproc if devices == ["cpu"] else 1)))
+
+
+def device_groups(devices, nproc):
+    """The devices of each run: one device, or with --nproc-per-run N, N GPUs per run (or N CPU ranks)."""
+    if nproc == 1 or devices == ["cpu"]:
+        return [[device] for device in devices]
+    if len(devices) % nproc or "cpu" in devices:
+        raise SweepError(f"--nproc-per-run {nproc} needs GPUs in groups of {nproc}; --devices has {devices}")
+    return [devices[start : start + nproc] for start in range(0, len(devices), nproc)]
+
+
+def launch_settings(group, nproc):
+    """(--device flag value, CUDA_VISIBLE_DEVICES or None) for a run on `group`: a torchrun job sees only its
+    GPUs, and each rank takes cuda:<LOCAL_RANK> of them."""
+    if group == ["cpu"]:
+        return (None, None) if nproc == 1 else ("cpu", None)
+    if nproc == 1:
+        return group[0], None
+    return "cuda", ",".join(device.partition(":")[2] or "0" for device in group)
 
 
 class Status:
@@ -374,17 +401,18 @@ class Status:
         self.show(force=True)
 
 
-def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
-    """Run everything not finished, keeping jobs_per_device runs going on each device. Returns the runs."""
+def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5, nproc=1):
+    """Run everything not finished, keeping jobs_per_device runs going on each device (each device group, with
+    nproc > 1). Returns the runs."""
     output_dir, logs = Path(output_dir), Path(output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for run in runs:
         if (output_dir / run.name / "summary.json").exists():
             run.status = "skipped"
-    slots = [device for device in devices for _ in range(jobs_per_device)]
+    slots = [tuple(group) for group in device_groups(devices, nproc) for _ in range(jobs_per_device)]
     free = list(slots)
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    threads = str(threads_per_run(devices, jobs_per_device))
+    threads = str(threads_per_run(devices, jobs_per_device, nproc))
     environment.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     leaders = stage_leaders(runs)
     status = Status(runs, len(slots))
@@ -405,14 +433,15 @@ def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
                 if run.status == "left" and free and ready(run, leaders):
                     device = free.pop(0)
                     resume = (output_dir / run.name / "last.pth").exists()
-                    command = run.command(output_dir, None if device == "cpu" else device, resume)
+                    device_flag, visible = launch_settings(list(device), nproc)
+                    command = run.command(output_dir, device_flag, resume, nproc)
                     run.log = logs / f"{run.name}.log"
                     log_file = open(run.log, "a")
                     log_file.write(f"+ {shlex.join(command)}\n")
                     log_file.flush()
                     run.process = subprocess.Popen(
                         command,
-                        env=environment,
+                        env={**environment, **({"CUDA_VISIBLE_DEVICES": visible} if visible else {})},
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
                         preexec_fn=common.die_with_parent(os.getpid()),
@@ -442,7 +471,7 @@ def run_grid(runs, output_dir, devices, jobs_per_device, poll=0.5):
 # ---- SLURM ----
 
 
-def slurm_script(runs, output_dir, throttle=None, job_name="kd-sweep"):
+def slurm_script(runs, output_dir, throttle=None, job_name="kd-sweep", nproc=1):
     """A SLURM array job, one index per run, with the same commands and the same skip/resume rules. Nothing
     in it names the machine that wrote it: it runs from the folder it is submitted from (the checkout), with
     $PYTHON (default: python), and writes under OUTPUT_DIR as given."""
@@ -452,8 +481,8 @@ def slurm_script(runs, output_dir, throttle=None, job_name="kd-sweep"):
         "# Written by tools/sweep.py: one array index per run of the grid. Submit it from the checkout.",
         f"#SBATCH --array={array}",
         f"#SBATCH --job-name={job_name}",
-        "#SBATCH --gres=gpu:1",
-        "#SBATCH --cpus-per-task=4",
+        f"#SBATCH --gres=gpu:{nproc}",
+        f"#SBATCH --cpus-per-task={4 * nproc}",
         f"#SBATCH --output={Path(output_dir) / 'logs'}/slurm_%A_%a.log",
         "set -euo pipefail",
         'cd "${SLURM_SUBMIT_DIR:-$PWD}"',
@@ -463,7 +492,7 @@ def slurm_script(runs, output_dir, throttle=None, job_name="kd-sweep"):
         "NAMES=(",
     ]
     lines += [f"  {shlex.quote(run.name)}" for run in runs] + [")", "COMMANDS=("]
-    lines += [f"  {shlex.quote(shlex.join(portable_command(run, output_dir)))}" for run in runs] + [")"]
+    lines += [f"  {shlex.quote(shlex.join(portable_command(run, output_dir, nproc)))}" for run in runs] + [")"]
     lines += [
         "name=${NAMES[$SLURM_ARRAY_TASK_ID]}",
         'if [ -f "$OUT/$name/summary.json" ]; then echo "$name is finished; skipping"; exit 0; fi',
@@ -474,10 +503,11 @@ def slurm_script(runs, output_dir, throttle=None, job_name="kd-sweep"):
     return "\n".join(lines) + "\n"
 
 
-def portable_command(run, output_dir):
+def portable_command(run, output_dir, nproc=1):
     """The run's command without the interpreter and with the script relative to the checkout."""
-    command = run.command(output_dir)[1:]
-    return [str(Path(command[0]).relative_to(REPO)), *command[1:]]
+    command = run.command(output_dir, "cuda" if nproc > 1 else None, nproc=nproc)[1:]
+    script = next(index for index, token in enumerate(command) if token.endswith(f"{run.method}.py"))
+    return [*command[:script], str(Path(command[script]).relative_to(REPO)), *command[script + 1 :]]
 
 
 def teacher_phases(runs):
@@ -493,16 +523,17 @@ def teacher_phases(runs):
     return phases
 
 
-def write_slurm(runs, path, output_dir, throttle):
+def write_slurm(runs, path, output_dir, throttle, nproc=1):
     """The grid as SLURM array jobs. With shared teacher stages: PATH.teachers.sbatch (then .teachers2.sbatch
     ...) runs one run per stage (which trains it), each phase after the one it needs, and PATH runs the whole
     grid last (afterok; the teacher runs are then finished and skipped). Returns the submit command."""
     path = Path(path)
-    path.write_text(slurm_script(runs, output_dir, throttle))
+    path.write_text(slurm_script(runs, output_dir, throttle, nproc=nproc))
     submit, dependency = [], ""
     for number, phase in enumerate(teacher_phases(runs), 1):
         teachers = path.with_name(path.stem + f".teachers{number if number > 1 else ''}.sbatch")
-        teachers.write_text(slurm_script(phase, output_dir, throttle, job_name=f"kd-sweep-teachers{number}"))
+        name = f"kd-sweep-teachers{number}"
+        teachers.write_text(slurm_script(phase, output_dir, throttle, job_name=name, nproc=nproc))
         submit.append(f"jid=$(sbatch --parsable {dependency}{shlex.quote(str(teachers))})")
         dependency = "--dependency=afterok:$jid "
     return " && ".join([*submit, f"sbatch {dependency}{shlex.quote(str(path))}"])
@@ -522,11 +553,19 @@ def main(argv=None):
     parser.add_argument(
         "--pairs", nargs="+", default=[], help="TEACHER:STUDENT pairs; teacher-free methods also take a bare MODEL"
     )
-    parser.add_argument("--dataset", default="cifar100", choices=("cifar100", "cifar10"), help="for an explicit grid")
+    parser.add_argument(
+        "--dataset",
+        default="cifar100",
+        choices=(*common.DATASETS, *common.FOLDER_DATASETS),
+        help="for an explicit grid",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 1 2 3)")
     parser.add_argument("--output-dir", default="runs", help="parent folder of the run folders and logs/")
     parser.add_argument("--devices", default="cpu", help="comma-separated: cpu, or cuda:0,cuda:1,...")
     parser.add_argument("--jobs-per-device", type=int, default=1, help="runs kept going at once on each device")
+    parser.add_argument(
+        "--nproc-per-run", type=int, default=1, metavar="N", help="each run under torchrun on N devices (DDP)"
+    )
     parser.add_argument(
         "--slurm", metavar="FILE", help="write SLURM array-job scripts (FILE, and the teachers') instead"
     )
@@ -536,11 +575,13 @@ def main(argv=None):
     try:
         runs = runs_from_options(options, extra_flags)
         devices = [device.strip() for device in options.devices.split(",") if device.strip()]
-        if options.jobs_per_device < 1 or not devices:
-            raise SweepError("--jobs-per-device must be at least 1 and --devices must name a device")
+        if options.jobs_per_device < 1 or options.nproc_per_run < 1 or not devices:
+            raise SweepError("--jobs-per-device and --nproc-per-run must be at least 1; --devices must name a device")
         for device in devices:
             if device != "cpu" and not device.startswith("cuda"):
                 raise SweepError(f"unknown device {device!r}: use cpu or cuda:N")
+        if not options.slurm:
+            device_groups(devices, options.nproc_per_run)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -549,7 +590,9 @@ def main(argv=None):
             print("error: --slurm-throttle must be at least 1", file=sys.stderr)
             return 2
         (Path(options.output_dir) / "logs").mkdir(parents=True, exist_ok=True)  # SLURM opens its logs there
-        submit = write_slurm(runs, options.slurm, Path(options.output_dir), options.slurm_throttle)
+        submit = write_slurm(
+            runs, options.slurm, Path(options.output_dir), options.slurm_throttle, options.nproc_per_run
+        )
         print(f"wrote {options.slurm}: {len(runs)} array tasks; submit from this checkout with: {submit}")
         return 0
     output_dir = Path(options.output_dir).resolve()
@@ -557,9 +600,12 @@ def main(argv=None):
         for run in runs:
             done = (output_dir / run.name / "summary.json").exists()
             resume = (output_dir / run.name / "last.pth").exists()
-            print(("# finished: " if done else "") + shlex.join(run.command(output_dir, resume=resume and not done)))
+            nproc = options.nproc_per_run
+            device = launch_settings(device_groups(devices, nproc)[0], nproc)[0] if nproc > 1 else None
+            command = run.command(output_dir, device, resume and not done, nproc)
+            print(("# finished: " if done else "") + shlex.join(command))
         return 0
-    finished = run_grid(runs, output_dir, devices, options.jobs_per_device)
+    finished = run_grid(runs, output_dir, devices, options.jobs_per_device, nproc=options.nproc_per_run)
     failed = [run for run in finished if run.status == "failed"]
     print(
         f"{len(finished) - len(failed)} of {len(finished)} runs finished; "

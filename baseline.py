@@ -64,15 +64,15 @@ class Args:
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
     # Recipe
-    model: str = "resnet20"
+    model: str = common.per_dataset("resnet20", imagenet="resnet18_imagenet")
     """zoo architecture to train (see common.MODEL_NAMES)"""
-    epochs: int = 240
+    epochs: int = common.per_dataset(240, imagenet=90)
     """number of training epochs"""
-    batch_size: int = 64
+    batch_size: int = common.per_dataset(64, imagenet=256)
     """training batch size"""
-    learning_rate: Optional[float] = None
+    learning_rate: Optional[float] = common.per_dataset(None, imagenet=0.1)
     """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
-    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    lr_milestones: Tuple[int, ...] = common.per_dataset((150, 180, 210), imagenet=(30, 60))
     """0-based epochs at which the lr is multiplied by --lr-gamma"""
     lr_gamma: float = 0.1
     """lr decay factor at each milestone"""
@@ -80,7 +80,7 @@ class Args:
     """SGD momentum"""
     nesterov: bool = False
     """Nesterov momentum"""
-    weight_decay: float = 5e-4
+    weight_decay: float = common.per_dataset(5e-4, imagenet=1e-4)
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[common.NormalizeName] = None
     """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""

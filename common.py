@@ -36,6 +36,7 @@ import os
 import pickle
 import random
 import re
+import string
 import subprocess
 import sys
 import tempfile
@@ -1915,7 +1916,8 @@ def parse_args(args_class, argv=None):
     """Build the command line from the `Args` dataclass: `--field-name`, help from the field's
     docstring, bools as `--flag` / `--flag false`, tuples as space- or comma-separated values.
     `argv` is a list of strings (default: the command line). Values no run can use are refused here,
-    before any work (check_common_args)."""
+    before any work (check_common_args). A field declared with `per_dataset` takes its dataset's default
+    when its flag is not given (the recipes by dataset: `dataset_recipe`)."""
     docs = _field_docs(args_class)
     hints = typing.get_type_hints(args_class)
     module = sys.modules.get(args_class.__module__)
@@ -1929,6 +1931,8 @@ def parse_args(args_class, argv=None):
     for field in dataclasses.fields(args_class):
         flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
         options = dict(default=field.default, help=docs.get(field.name, ""))
+        if by_dataset := field.metadata.get("by_dataset"):  # per_dataset: say each dataset's default
+            options["help"] += "".join(f"; {dataset}: {value}" for dataset, value in by_dataset.items())
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         if kind is bool:
@@ -1943,7 +1947,11 @@ def parse_args(args_class, argv=None):
         header = field_groups.get(field.name)
         section = sections.setdefault(header, parser.add_argument_group(header)) if header else parser
         section.add_argument(flag, **options)
+    argv = sys.argv[1:] if argv is None else list(argv)
     values = vars(parser.parse_args(argv))
+    if recipe := dataset_recipe(args_class, values, _given_fields(parser, argv)):
+        print(f"--dataset {values['dataset']}: its recipe's defaults {_shown(recipe)}", flush=True)
+        values.update(recipe)
     for name, item_type in tuple_fields.items():  # "150,180,210" and "150 180 210" both work
         tokens = values[name] if isinstance(values[name], (list, tuple)) else [values[name]]
         try:
@@ -1958,6 +1966,48 @@ def parse_args(args_class, argv=None):
     except ConfigError as err:
         parser.error(str(err))  # usage line + message, exit 2: nothing has run yet
     return args
+
+
+def per_dataset(default, **by_dataset):
+    """An Args field default that switches with --dataset: `epochs: int = common.per_dataset(240, imagenet=100)`.
+    A str may name another field ("torchvision:{teacher}"); docs/<method>.md cites each recipe's source."""
+    return dataclasses.field(default=default, metadata={"by_dataset": by_dataset})
+
+
+def dataset_recipe(args_class, values, given):
+    """{field: its default on --dataset} for every per_dataset field whose flag was not given. A value that names
+    another field is left out when that field was given another value (the recipe's teacher file fits only the
+    recipe's teacher)."""
+    dataset = values.get("dataset")
+    defaults = {field.name: field.metadata.get("by_dataset", {}) for field in dataclasses.fields(args_class)}
+    defaults = {name: by_dataset[dataset] for name, by_dataset in defaults.items() if dataset in by_dataset}
+    recipe = {name: value for name, value in defaults.items() if name not in given}
+    names = lambda text: {name for _, name, _, _ in string.Formatter().parse(text) if name}
+    templates = {name: value for name, value in recipe.items() if isinstance(value, str) and names(value)}
+    for name, value in templates.items():
+        recipe.pop(name)
+        if all(values[other] == defaults.get(other) for other in names(value) & given):
+            recipe[name] = value.format(**{**values, **recipe})
+    return recipe
+
+
+def _shown(values):
+    return " ".join(
+        f"{_flag(name)} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+        for name, value in values.items()
+    )
+
+
+def _given_fields(parser, argv):
+    """The fields whose flags are on the command line (each default set aside for one parse)."""
+    defaults = {action: action.default for action in parser._actions}
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
 
 
 def _flag(name):
@@ -2796,6 +2846,7 @@ KNOWN_CHECKPOINTS = {
     "torchvision:resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "torchvision:resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
 }
+KNOWN_CHECKPOINTS.update({f"{name}_imagenet": url for name, url in KNOWN_CHECKPOINTS.items()})  # the zoo's names
 URL_SCHEMES = ("http://", "https://", "file://")
 
 

@@ -69,15 +69,15 @@ class Args:
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
     # Recipe
-    student: str = "resnet8x4"
+    student: str = common.per_dataset("resnet8x4", imagenet="resnet18_imagenet")
     """zoo architecture of the student"""
-    epochs: int = 240
+    epochs: int = common.per_dataset(240, imagenet=100)
     """number of training epochs"""
-    batch_size: int = 64
+    batch_size: int = common.per_dataset(64, imagenet=256)
     """training batch size"""
-    learning_rate: Optional[float] = None
+    learning_rate: Optional[float] = common.per_dataset(None, imagenet=0.1)
     """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
-    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    lr_milestones: Tuple[int, ...] = common.per_dataset((150, 180, 210), imagenet=(30, 60, 90))
     """0-based epochs at which the lr is multiplied by --lr-gamma"""
     lr_gamma: float = 0.1
     """lr decay factor at each milestone"""
@@ -85,14 +85,14 @@ class Args:
     """SGD momentum"""
     nesterov: bool = False
     """Nesterov momentum"""
-    weight_decay: float = 5e-4
+    weight_decay: float = common.per_dataset(5e-4, imagenet=1e-4)
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[common.NormalizeName] = None
     """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""
     # Teacher
-    teacher: str = "resnet32x4"
+    teacher: str = common.per_dataset("resnet32x4", imagenet="resnet34_imagenet")
     """zoo architecture of the teacher"""
-    teacher_path: Optional[str] = None
+    teacher_path: Optional[str] = common.per_dataset(None, imagenet="torchvision:{teacher}")
     """teacher checkpoint (formats: README.md); unset: cached, trained by baseline.py if missing"""
     teacher_sha256: Optional[str] = None
     """sha256 (hex, or its first 8+ digits) the --teacher-path file or URL must have"""
@@ -107,11 +107,11 @@ class Args:
     allow_teacher_normalize_mismatch: bool = False
     """use a teacher whose recorded --normalize differs from this run's (warn, do not refuse)"""
     # KD
-    kd_T: float = 4.0
+    kd_T: float = common.per_dataset(4.0, imagenet=1.0)
     """softmax temperature T of the distillation KL"""
-    ce_weight: float = 0.1
+    ce_weight: float = common.per_dataset(0.1, imagenet=0.5)
     """weight of the cross-entropy with the labels"""
-    kd_weight: float = 0.9
+    kd_weight: float = common.per_dataset(0.9, imagenet=0.5)
     """weight of the KD term"""
 
 

@@ -76,15 +76,15 @@ class Args:
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
     # Recipe
-    model: str = "resnet8x4"
+    model: str = common.per_dataset("resnet8x4", imagenet="resnet18_imagenet")
     """zoo architecture trained with auxiliary classifiers [INTERP]"""
-    epochs: int = 240
+    epochs: int = common.per_dataset(240, imagenet=100)
     """number of training epochs"""
-    batch_size: int = 64
+    batch_size: int = common.per_dataset(64, imagenet=256)
     """training batch size"""
-    learning_rate: Optional[float] = None
+    learning_rate: Optional[float] = common.per_dataset(None, imagenet=0.1)
     """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
-    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    lr_milestones: Tuple[int, ...] = common.per_dataset((150, 180, 210), imagenet=(30, 60, 90))
     """0-based epochs at which the lr is multiplied by --lr-gamma"""
     lr_gamma: float = 0.1
     """lr decay factor at each milestone"""
@@ -92,7 +92,7 @@ class Args:
     """SGD momentum"""
     nesterov: bool = True
     """Nesterov momentum"""
-    weight_decay: float = 5e-4
+    weight_decay: float = common.per_dataset(5e-4, imagenet=1e-4)
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[common.NormalizeName] = None
     """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""
@@ -129,7 +129,7 @@ class Args:
     """also align the deepest head's feature (default: the shallower heads only) [INTERP]"""
     buffer_dtype: Literal["fp16", "fp32"] = "fp16"
     """dtype of the prediction buffers; fp16 rows are renormalised to sum 1 when read [INTERP]"""
-    buffer_device: Literal["cuda", "cpu"] = "cuda"
+    buffer_device: Literal["cuda", "cpu"] = common.per_dataset("cuda", imagenet="cpu")
     """where the buffers live: cuda = the training device, cpu = host memory [INTERP]"""
 
 

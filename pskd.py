@@ -71,15 +71,15 @@ class Args:
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
     # Recipe
-    model: str = "PreActResNet18"
+    model: str = common.per_dataset("PreActResNet18", imagenet="resnet50_imagenet")
     """zoo architecture to train; resnet18/ResNet18 (PS-KD's name) mean PreActResNet18"""
-    epochs: int = 300
+    epochs: int = common.per_dataset(300, imagenet=100)
     """number of training epochs"""
-    batch_size: int = 128
+    batch_size: int = common.per_dataset(128, imagenet=256)
     """training batch size"""
     learning_rate: Optional[float] = None
     """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
-    lr_milestones: Tuple[int, ...] = (150, 225)
+    lr_milestones: Tuple[int, ...] = common.per_dataset((150, 225), imagenet=(30, 60, 90))
     """0-based epochs at which the lr is multiplied by --lr-gamma"""
     lr_gamma: float = 0.1
     """lr decay factor at each milestone"""
@@ -87,16 +87,16 @@ class Args:
     """SGD momentum"""
     nesterov: bool = True
     """Nesterov momentum"""
-    weight_decay: float = 5e-4
+    weight_decay: float = common.per_dataset(5e-4, imagenet=1e-4)
     """SGD weight decay, on every trained parameter"""
     normalize: Optional[common.NormalizeName] = None
     """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""
     # PS-KD
     pskd: bool = True
     """PS-KD soft targets; false trains with plain cross-entropy and the same recipe (the baseline)"""
-    alpha_T: float = 0.8
+    alpha_T: float = common.per_dataset(0.8, imagenet=0.3)
     """alpha at the last epoch; alpha_e = alpha_T * (e + 1) / epochs"""
-    buffer_device: Literal["cuda", "cpu"] = "cuda"
+    buffer_device: Literal["cuda", "cpu"] = common.per_dataset("cuda", imagenet="cpu")
     """where the prediction buffer lives: cuda = the training device (the CPU for CPU runs), cpu =
     host memory as in the official code; numerically identical [INTERP]"""
     log_calibration: bool = True

@@ -68,15 +68,15 @@ class Args:
     wandb_project: str = "sskd-reference"
     """W&B project name, with --track"""
     # Recipe
-    student: str = "resnet8x4"
+    student: str = common.per_dataset("resnet8x4", imagenet="resnet18_imagenet")
     """zoo architecture of the student"""
-    epochs: int = 240
+    epochs: int = common.per_dataset(240, imagenet=100)
     """number of training epochs"""
-    batch_size: int = 64
+    batch_size: int = common.per_dataset(64, imagenet=256)
     """training batch size"""
-    learning_rate: Optional[float] = None
+    learning_rate: Optional[float] = common.per_dataset(None, imagenet=0.1)
     """initial lr; unset means the recipe's value for the architecture (docs/<method>.md)"""
-    lr_milestones: Tuple[int, ...] = (150, 180, 210)
+    lr_milestones: Tuple[int, ...] = common.per_dataset((150, 180, 210), imagenet=(30, 60, 90))
     """0-based epochs at which the lr is multiplied by --lr-gamma"""
     lr_gamma: float = 0.1
     """lr decay factor at each milestone"""
@@ -89,9 +89,9 @@ class Args:
     normalize: Optional[common.NormalizeName] = None
     """normalisation constants; unset: CIFAR-10's on cifar10, the recipe's on cifar100, else ImageNet's"""
     # Teacher
-    teacher: str = "resnet32x4"
+    teacher: str = common.per_dataset("resnet32x4", imagenet="resnet34_imagenet")
     """zoo architecture of the teacher"""
-    teacher_path: Optional[str] = None
+    teacher_path: Optional[str] = common.per_dataset(None, imagenet="torchvision:{teacher}")
     """teacher checkpoint (formats: README.md); unset: cached, trained by baseline.py if missing"""
     teacher_sha256: Optional[str] = None
     """sha256 (hex, or its first 8+ digits) the --teacher-path file or URL must have"""
@@ -108,7 +108,7 @@ class Args:
     # SSKD
     kd_T: float = 4.0
     """softmax temperature T of the distillation KL"""
-    ce_weight: float = 0.1
+    ce_weight: float = common.per_dataset(0.1, imagenet=1.0)
     """weight of the cross-entropy with the labels"""
     kd_weight: float = 0.9
     """weight of the KD term"""
@@ -126,16 +126,16 @@ class Args:
     """fraction of teacher-wrong rotated rows kept in the ss term (best-ranked first)"""
     stable_sort: bool = True
     """stable ranking: ties at the cut keep the lower row (SSKD: torch's unspecified order) [INTERP]"""
-    rotation_pipeline: Literal["sskd", "gpu"] = "sskd"
+    rotation_pipeline: Literal["sskd", "gpu"] = common.per_dataset("sskd", imagenet="gpu")
     """sskd: flip, rotate, crop each copy (cifar.py); gpu: one crop+flip, then rotate [INTERP]"""
     # SSKD stage 2: the teacher's projection head
     teacher_head_path: Optional[str] = None
     """trained head (ours or SSKD's ckpt/teacher.pth); unset: cached, trained if missing [INTERP]"""
-    t_epochs: int = 60
+    t_epochs: int = common.per_dataset(60, imagenet=30)
     """epochs of teacher-head training (stage 2; stage 1 is --ce-teacher-epochs)"""
-    t_lr: float = 0.05
+    t_lr: float = common.per_dataset(0.05, imagenet=0.1)
     """lr of the head (its SGD takes the recipe's lr gamma, momentum, Nesterov, weight decay)"""
-    t_milestones: Tuple[int, ...] = (30, 45)
+    t_milestones: Tuple[int, ...] = common.per_dataset((30, 45), imagenet=(10, 20))
     """0-based head epochs at which the head lr is multiplied by --lr-gamma"""
     head_T: float = 1.0
     """temperature of the head's contrastive CE (code: raw cosines; the paper has a tau)"""

@@ -289,3 +289,47 @@ def test_a_lock_file_of_a_dead_process_is_taken_over_and_a_live_one_is_waited_fo
     os.utime(held, (time.time() - 400, time.time() - 400))  # no heartbeat for longer than the stale limit
     with common.cache_lock(tmp_path / "stage.pth"):
         assert held.read_text().endswith(str(os.getpid()))
+
+
+# ---- recipes by dataset (common.per_dataset) ----
+
+
+def test_imagenet_switches_the_defaults_to_the_recipe_and_a_given_flag_wins(capsys):
+    import hssakd
+    import kd
+
+    args = common.parse_args(kd.Args, ["--dataset", "imagenet", "--epochs", "3"])
+    assert (args.teacher, args.student, args.teacher_path) == (
+        "resnet34_imagenet",
+        "resnet18_imagenet",
+        "torchvision:resnet34_imagenet",
+    )
+    assert (args.epochs, args.batch_size, args.learning_rate, args.lr_milestones) == (3, 256, 0.1, (30, 60, 90))
+    assert (args.weight_decay, args.kd_T, args.ce_weight, args.kd_weight) == (1e-4, 1.0, 0.5, 0.5)
+    assert (
+        "--dataset imagenet: its recipe's defaults --student resnet18_imagenet --batch-size 256"
+        in capsys.readouterr().out
+    )
+    cifar = common.parse_args(kd.Args, ["--dataset", "cifar10"])
+    assert (cifar.epochs, cifar.kd_T, cifar.teacher, cifar.teacher_path) == (240, 4.0, "resnet32x4", None)
+    stage = common.parse_args(hssakd.Args, ["--dataset", "imagenet", "--teacher-lr", "0.2"])
+    assert (stage.teacher_lr, stage.weight_decay, stage.kd_T) == (0.2, 1e-4, 3.0)
+
+
+def test_the_recipes_teacher_file_is_left_out_for_another_teacher_but_kept_for_its_own():
+    import sskd
+
+    other = common.parse_args(sskd.Args, ["--dataset", "imagenet", "--teacher", "resnet50_imagenet"])
+    same = common.parse_args(sskd.Args, ["--dataset", "imagenet", "--teacher", "resnet34_imagenet"])
+    assert other.teacher_path is None and same.teacher_path == "torchvision:resnet34_imagenet"
+    assert common.KNOWN_CHECKPOINTS["torchvision:resnet34_imagenet"] == common.KNOWN_CHECKPOINTS["torchvision:resnet34"]
+    assert (other.rotation_pipeline, other.t_epochs, other.t_milestones, other.ce_weight) == ("gpu", 30, (10, 20), 1.0)
+
+
+def test_help_gives_each_fields_imagenet_default(capsys):
+    import pskd
+
+    with pytest.raises(SystemExit):
+        common.parse_args(pskd.Args, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "alpha at the last epoch; alpha_e = alpha_T * (e + 1) / epochs; imagenet: 0.3 (default: 0.8)" in text

@@ -27,8 +27,8 @@ def test_a_changed_default_is_caught(tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(REPO, changed, ignore=shutil.ignore_patterns(".git", "tests", "docs", "runs", "checkpoints"))
     kd_source = (changed / "kd.py").read_text()
-    assert "kd_weight: float = 0.9" in kd_source
-    (changed / "kd.py").write_text(kd_source.replace("kd_weight: float = 0.9", "kd_weight: float = 0.5"))
+    assert "kd_weight: float = common.per_dataset(0.9, " in kd_source
+    (changed / "kd.py").write_text(kd_source.replace("per_dataset(0.9, ", "per_dataset(0.5, "))
     result = same_numbers(REPO, changed, "--methods", "kd")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "metrics DIFFERENT, weights DIFFERENT, cached stages identical" in result.stdout  # the teacher is the same

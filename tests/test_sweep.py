@@ -51,7 +51,9 @@ def test_published_presets_follow_the_tables_pairs_with_three_seeds(tmp_path):
     mobile = [line for line in hssakd if "--student MobileNetV2" in line]
     assert mobile and all("--student MobileNetV2_hsakd " in line for line in mobile)  # HSAKD's stride-1 network
     every = run_sweep("--preset", "cifar100-all", "--dry-run", cwd=tmp_path).stdout.splitlines()
-    assert len(every) == len(kd) + len(hssakd) + 11 * 3 + 1 * 3
+    assert len(every) == len(kd) + len(hssakd) + 11 * 3 + 1 * 3  # CIFAR-100 only
+    imagenet = run_sweep("--preset", "hssakd-imagenet", "--dry-run", cwd=tmp_path).stdout.splitlines()
+    assert len(imagenet) == 2 * 3 and all("--dataset imagenet --teacher resnet34_imagenet" in line for line in imagenet)
 
 
 def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):

@@ -187,8 +187,9 @@ def parse_pair(text):
 
 
 def published_presets():
-    """One preset per method with a published CIFAR-100 table in docs/published.json: that table's pairs, 3
-    seeds, the method's own defaults (the paper's recipe); each published result's arguments are a variant."""
+    """One preset per published table in docs/published.json (<method>-<dataset>: kd-cifar100, hssakd-imagenet,
+    ...): that table's pairs, 3 seeds, the method's own defaults for the dataset (the paper's recipe); each
+    published result's arguments are a variant."""
     presets = {}
     for table in json.loads((REPO / "docs" / "published.json").read_text()):
         points = presets.setdefault(f"{table['method']}-{table['dataset']}", [])
@@ -258,7 +259,9 @@ CPU_DEMO = [
 
 def presets():
     found = published_presets()
-    found["cifar100-all"] = [point for name, points in sorted(found.items()) for point in points]
+    found["cifar100-all"] = [
+        point for name, points in sorted(found.items()) for point in points if point[2] == "cifar100"
+    ]
     found["cpu-demo"] = [(method, pair, "cifar10", tag, flags) for method, pair, tag, flags in CPU_DEMO]
     return found
 

@@ -321,6 +321,7 @@ if __name__ == "__main__":
     start_epoch, best, checkpoint = common.resume_state(run_dir, net_s, optimizer_s, args.resume, args, trained_with)
     best_net1 = checkpoint["best_net1"] if checkpoint else dict(best)
     best_ensemble = checkpoint["best_ensemble"] if checkpoint else dict(best)
+    result = None
     # --- END METHOD ---
     logger = common.Logger(run_dir, args, start_epoch)
 
@@ -377,8 +378,7 @@ if __name__ == "__main__":
         metrics.update({"lr": lr, "test/top1": result["net2_top1"], "test/top5": result["net2_top5"]})
         metrics.update({"test/best_top1": best["top1"], "speed/images_per_s": images_per_s})
         metrics.update({f"test/{name}": value for name, value in result.items()})
-        metrics["test/net1_best_top1"] = best_net1["top1"]
-        metrics["test/ensemble_best_top1"] = best_ensemble["top1"]
+        metrics.update({"test/net1_best_top1": best_net1["top1"], "test/ensemble_best_top1": best_ensemble["top1"]})
         logger.log(epoch, metrics)
         state = common.training_state(net_s, optimizer_s, epoch + 1, best, args, trained_with)
         state.update(net1_arch=net_t.arch, best_net1=best_net1, best_ensemble=best_ensemble)
@@ -387,7 +387,7 @@ if __name__ == "__main__":
         common.print_epoch(epoch, args.epochs, metrics, epoch_start)
 
     # --- METHOD: every network's last and best epoch, in summary.json ---
-    last = evaluate_css(net_t, net_s, masks, data, args)
+    last = result if result is not None else evaluate_css(net_t, net_s, masks, data, args)
     summary = {"primary": f"net2 ({args.model_s})", "net1_arch": net_t.arch, "net2_arch": net_s.arch}
     for name, best_of in (("net1", best_net1), ("net2", best), ("ensemble", best_ensemble)):
         summary.update({f"{name}_last_top1": last[f"{name}_top1"], f"{name}_last_top5": last[f"{name}_top5"]})

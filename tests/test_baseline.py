@@ -228,14 +228,14 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
         "--model",
         "resnet8",
         "--epochs",
-        "10",
+        "6",
         "--train-subset",
         "256",
         "--test-subset",
         "40",
         "--lr-milestones",
-        "3",
-        "6",
+        "2",
+        "4",
     ]
     straight = run_script("baseline.py", *flags, "--run-name", "straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
@@ -258,7 +258,7 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
             break
     assert process.returncode != 0 and "--resume" in stderr and "Traceback" not in stderr
     finished = torch.load(checkpoint, weights_only=False)["epoch"]
-    assert 1 <= finished < 10
+    assert 1 <= finished < 6
     resumed = run_script("baseline.py", *flags, "--run-name", name, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "runs" / "straight" / "last.pth", weights_only=False)["model"]

@@ -307,8 +307,6 @@ def test_css_run_reports_three_accuracies_and_resumes_to_the_weights_of_an_unint
         32,
         "--eval-batch-size",
         200,
-        "--test-subset",
-        40,
         "--log-diversity",
     ]
     straight = run_script("css.py", *flags, "--epochs", 2, "--run-name", "straight", cwd=tmp_path)

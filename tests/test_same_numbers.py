@@ -26,12 +26,12 @@ def test_the_same_code_twice_is_identical_and_a_variant_runs_its_method_file_wit
 def test_a_changed_default_is_caught(tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(REPO, changed, ignore=shutil.ignore_patterns(".git", "tests", "docs", "runs", "checkpoints"))
-    kd_source = (changed / "kd.py").read_text()
-    assert "kd_weight: float = common.per_dataset(0.9, " in kd_source
-    (changed / "kd.py").write_text(kd_source.replace("per_dataset(0.9, ", "per_dataset(0.5, "))
-    result = same_numbers(REPO, changed, "--methods", "kd")
+    baseline_source = (changed / "baseline.py").read_text()
+    assert "momentum: float = 0.9" in baseline_source
+    (changed / "baseline.py").write_text(baseline_source.replace("momentum: float = 0.9", "momentum: float = 0.8"))
+    result = same_numbers(REPO, changed, "--methods", "baseline")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "metrics DIFFERENT, weights DIFFERENT, cached stages identical" in result.stdout  # the teacher is the same
+    assert "baseline: metrics DIFFERENT, weights DIFFERENT, cached stages identical" in result.stdout
     assert result.stdout.strip().endswith("DIFFERENCES FOUND")
 
 

@@ -1684,7 +1684,8 @@ def gather_rows(*tensors):
     buffers stay identical on every rank. Shares may differ by a row; they are padded for the gather."""
     if WORLD.size == 1:
         return tensors
-    counts = all_reduce_sum(F.one_hot(torch.tensor(WORLD.rank), WORLD.size) * len(tensors[0]))
+    rank = torch.tensor(WORLD.rank, device=tensors[0].device)  # nccl reduces CUDA tensors only
+    counts = all_reduce_sum(F.one_hot(rank, WORLD.size) * len(tensors[0]))
     gathered = []
     for tensor in tensors:
         padded = F.pad(tensor.detach(), (0, 0) * (tensor.dim() - 1) + (0, int(counts.max()) - len(tensor)))

@@ -10,6 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# `pytest -n N` (pytest-xdist, README's test command): N test processes share the cores, so each one, and
+# every script it starts, gets its share of torch threads instead of all of them (N x cores threads on the
+# cores would make each test slower than one process alone). Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))

@@ -91,6 +91,12 @@ def test_normalize_is_totensor_then_normalize():
     image = torch.tensor([[[[0]], [[255]], [[51]]]], dtype=torch.uint8)
     expected = torch.tensor([(0 - 0.5) / 0.2, (1 - 0.4) / 0.25, (0.2 - 0.3) / 0.5])
     assert torch.allclose(data.normalize(image).flatten(), expected)
+    # in place, yet bit for bit the out-of-place formula, and a float input is left as it was
+    batch = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert torch.equal(data.normalize(batch), (batch.float() / 255.0 - data.mean) / data.std)
+    floats = batch.float()
+    data.normalize(floats)
+    assert torch.equal(floats, batch.float())
 
 
 def test_epoch_generator_is_a_function_of_seed_and_epoch():

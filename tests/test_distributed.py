@@ -189,3 +189,20 @@ def test_rank_rows_split_a_global_batch_into_contiguous_shares(monkeypatch):
 @dataclasses.dataclass
 class BatchOnly:
     batch_size: int
+
+
+def test_the_process_group_is_destroyed_at_a_clean_exit_but_not_after_an_error(tmp_path, monkeypatch):
+    """join_process_group registers leave_process_group to run at exit (gloo can abort a finished process
+    whose group was never destroyed); after an uncaught error it leaves the group alone."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(sys, "last_value", ValueError("this rank failed"), raising=False)
+        common.leave_process_group()
+        assert torch.distributed.is_initialized()
+        monkeypatch.delattr(sys, "last_value")
+        common.leave_process_group()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
